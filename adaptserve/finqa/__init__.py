@@ -1,0 +1,29 @@
+"""FinQA: numerical questions over financial reports, answered by a program the model writes (Chen et al., 2021)."""
+
+from adaptserve.finqa.data import FinQADataError, FinQARecord, data_hash, load_finqa
+from adaptserve.finqa.metrics import Scored, answers_match, parse_numeric_answer, plain_answer_matches, score, score_output
+from adaptserve.finqa.program import ProgramError, Ref, Step, execute_program, extract_program, parse_program
+from adaptserve.finqa.prompts import build_completion_prompt, build_context, build_prompt, linearize_table
+
+__all__ = [
+    "FinQADataError",
+    "FinQARecord",
+    "ProgramError",
+    "Ref",
+    "Scored",
+    "Step",
+    "answers_match",
+    "build_completion_prompt",
+    "build_context",
+    "build_prompt",
+    "data_hash",
+    "execute_program",
+    "extract_program",
+    "linearize_table",
+    "load_finqa",
+    "parse_numeric_answer",
+    "parse_program",
+    "plain_answer_matches",
+    "score",
+    "score_output",
+]

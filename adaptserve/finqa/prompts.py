@@ -1,0 +1,117 @@
+"""Prompts that ask a model for one FinQA program line, as chat messages or as plain completion text.
+
+The model only writes the program; `execute_program` does the arithmetic, which small models get wrong.
+Few-shot exemplars come from the shipped `sample/fewshot.json` (FinQA train records with short contexts).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from adaptserve.finqa.data import FinQARecord, load_finqa
+
+SYSTEM = (
+    "Answer the question about a financial report by writing a program. "
+    "Operations: add, subtract, multiply, divide, exp (power) and greater (gives yes/no) each take two arguments; "
+    "table_max, table_min, table_sum and table_average take a table row name and none. "
+    "An argument is a number from the report (27.9% is allowed), a constant such as const_100 or const_m1 (-1), "
+    "or #n, the result of step n counting from 0. "
+    "Reply with the program only, on one line, steps separated by ', '."
+)
+
+
+def linearize_table(table: Sequence[Sequence[str]]) -> str:
+    """One row a line, cells joined by ` | `, runs of whitespace collapsed."""
+    lines = (" | ".join(" ".join(cell.split()) for cell in row).strip() for row in table)
+    return "\n".join(line for line in lines if line.strip("| "))
+
+
+def build_context(record: FinQARecord, max_sentences: int | None = None) -> str:
+    """Text before the table, the table, text after it; `max_sentences` keeps that many on each side of the table."""
+    return _context(record.pre_text, record.table, record.post_text, max_sentences)
+
+
+def build_prompt(
+    record: FinQARecord | None = None,
+    *,
+    question: str | None = None,
+    pre_text: Sequence[str] = (),
+    table: Sequence[Sequence[str]] = (),
+    post_text: Sequence[str] = (),
+    fewshot: Sequence[FinQARecord] | None = None,
+    max_sentences: int | None = None,
+) -> list[dict[str, str]]:
+    """Chat messages: the DSL instruction, one user/assistant pair per exemplar, then the target question.
+
+    Pass a record, or the question and its context by keyword. `fewshot` defaults to the shipped exemplars;
+    pass [] for zero-shot.
+    """
+    messages = [{"role": "system", "content": SYSTEM}]
+    for shot in _fewshot(fewshot):
+        messages.append({"role": "user", "content": _question_turn(shot.question, build_context(shot, max_sentences))})
+        messages.append({"role": "assistant", "content": shot.program})
+    target = _target(record, question, pre_text, table, post_text, max_sentences)
+    messages.append({"role": "user", "content": _question_turn(*target)})
+    return messages
+
+
+def build_completion_prompt(
+    record: FinQARecord | None = None,
+    *,
+    question: str | None = None,
+    pre_text: Sequence[str] = (),
+    table: Sequence[Sequence[str]] = (),
+    post_text: Sequence[str] = (),
+    fewshot: Sequence[FinQARecord] | None = None,
+    max_sentences: int | None = None,
+) -> str:
+    """The same prompt as plain text ending in "Program:", for models without a chat template."""
+    parts = [SYSTEM]
+    for shot in _fewshot(fewshot):
+        parts.append(f"{_question_turn(shot.question, build_context(shot, max_sentences))}\nProgram: {shot.program}")
+    target = _target(record, question, pre_text, table, post_text, max_sentences)
+    parts.append(f"{_question_turn(*target)}\nProgram:")
+    return "\n\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_fewshot() -> tuple[FinQARecord, ...]:
+    return tuple(load_finqa(None, "fewshot"))
+
+
+def _fewshot(fewshot: Sequence[FinQARecord] | None) -> Sequence[FinQARecord]:
+    return _default_fewshot() if fewshot is None else fewshot
+
+
+def _target(
+    record: FinQARecord | None,
+    question: str | None,
+    pre_text: Sequence[str],
+    table: Sequence[Sequence[str]],
+    post_text: Sequence[str],
+    max_sentences: int | None,
+) -> tuple[str, str]:
+    """(question, context) from either a record or the keyword parts, never a mix of both."""
+    if record is not None:
+        if question is not None or pre_text or table or post_text:
+            raise TypeError("pass a record or question/pre_text/table/post_text, not both")
+        return record.question, build_context(record, max_sentences)
+    if question is None:
+        raise TypeError("pass a record or a question")
+    return question, _context(pre_text, table, post_text, max_sentences)
+
+
+def _question_turn(question: str, context: str) -> str:
+    return f"{context}\nQuestion: {question}" if context else f"Question: {question}"
+
+
+def _context(pre_text: Sequence[str], table: Sequence[Sequence[str]], post_text: Sequence[str], max_sentences: int | None) -> str:
+    # FinQA's text keeps one "." per table line it extracted from the PDF; those carry nothing.
+    pre = [s.strip() for s in pre_text if any(c.isalnum() for c in s)]
+    post = [s.strip() for s in post_text if any(c.isalnum() for c in s)]
+    if max_sentences is not None:  # keep the sentences nearest the table, where the relevant ones usually are
+        pre, post = pre[max(0, len(pre) - max_sentences) :], post[:max_sentences]
+    rows = linearize_table(table)
+    parts = [" ".join(pre), f"Table:\n{rows}" if rows else "", " ".join(post)]
+    return "\n".join(part for part in parts if part)
