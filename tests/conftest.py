@@ -61,8 +61,10 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """SmolLM2 (chat template) and Gemma 3 270M base (none), both from their PyPI packages."""
-    srv = Server(["--models", "smollm2-135m", "gemma3-270m", "--max-tokens-cap", "512", "--n-ctx", "2048"],
-                 tmp_path_factory.mktemp("server"))
+    srv = Server(
+        ["--models", "smollm2-135m", "gemma3-270m", "--max-tokens-cap", "512", "--n-ctx", "2048"],
+        tmp_path_factory.mktemp("server"),
+    )
     yield srv
     srv.stop()
 

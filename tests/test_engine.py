@@ -57,7 +57,7 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
         with pytest.raises(EngineBusy):
             for _ in range(3):
                 accepted.append(engine.submit(prompt, params))
-        return ["".join([getattr(e, "text", "") async for e in gen.events()]) for gen in accepted]
+        return [(await gen.collect()).text for gen in accepted]
 
     texts = asyncio.run(run())
     assert len(set(texts)) == 1 and texts[0]

@@ -14,9 +14,10 @@ import importlib.resources
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 log = logging.getLogger(__name__)
 

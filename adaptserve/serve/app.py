@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve import finqa
+from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
 from adaptserve.models import DEFAULT_MODEL, ModelSpec, resolve
 from adaptserve.serve.engine import (
     EngineBusy,
@@ -74,8 +76,15 @@ class ServeConfig:
 class APIError(Exception):
     """An error that becomes an OpenAI-style JSON body."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
@@ -106,10 +115,6 @@ class ModelPool:
             self.engines[spec.name] = engine
             self.metrics.watch_engine(spec.name, engine)
 
-    def recorder(self, model: str) -> Callable[[Finished], None]:
-        """What to call with a finished generation so /metrics counts its tokens and time to first token."""
-        return lambda f: self.metrics.record_generation(model, f.prompt_tokens, f.completion_tokens, f.time_to_first_token)
-
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
@@ -121,7 +126,8 @@ class ModelPool:
             room = max(engine.n_ctx - len(prompt), 0)  # 0 lets budget() raise the context error
             params = dataclasses.replace(params, max_tokens=min(room, self.config.max_tokens_cap) or None)
         try:
-            return engine.submit(prompt, params)
+            # /metrics counts every finished generation, whoever asked for it (HTTP or UI)
+            return engine.submit(prompt, params, lambda f: self.metrics.record_generation(engine.name, f))
         except PromptTooLong as err:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
         except EngineBusy as err:
@@ -130,8 +136,13 @@ class ModelPool:
     def get(self, name: str | None) -> LlamaCppEngine:
         name = name or self.names[0]
         if name not in self.engines:
-            raise APIError(404, f"model {name!r} does not exist; served models: {self.names}", "invalid_request_error",
-                           "model_not_found", "model")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; served models: {self.names}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
         return self.engines[name]
 
 
@@ -139,8 +150,11 @@ def sampling_params(req: SamplingFields, cap: int, extra_stops: tuple[str, ...] 
     if req.max_tokens is not None and req.max_tokens > cap:
         raise invalid(f"max_tokens must be at most {cap}", param="max_tokens")
     return SamplingParams(
-        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-        stop=req.stop_list() + extra_stops, seed=req.seed,
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop_list() + extra_stops,
+        seed=req.seed,
     )
 
 
@@ -149,30 +163,22 @@ def sse(payload: dict | str) -> str:
 
 
 def usage_of(finish: Finished) -> Usage:
-    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
+    return Usage(
+        prompt_tokens=finish.prompt_tokens,
+        completion_tokens=finish.completion_tokens,
+        total_tokens=finish.prompt_tokens + finish.completion_tokens,
+    )
 
 
-async def collect(generation: Generation, on_finish: Callable[[Finished], None]) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async for event in generation.events():
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            on_finish(event)
-            return "".join(parts), event
-    raise EngineError("generation ended without a result")
-
-
-async def stream_sse(generation: Generation, chunk: Callable[[str | None, str | None], dict],
-                     usage_chunk: Callable[[Usage], dict] | None, on_finish: Callable[[Finished], None]) -> AsyncIterator[str]:
+async def stream_sse(
+    generation: Generation, chunk: Callable[[str | None, str | None], dict], usage_chunk: Callable[[Usage], dict] | None
+) -> AsyncIterator[str]:
     """Engine events -> OpenAI SSE lines; `chunk(text, finish_reason)` shapes one event for the endpoint."""
     try:
         async for event in generation.events():
             if isinstance(event, TextDelta):
                 yield sse(chunk(event.text, None))
             else:
-                on_finish(event)
                 yield sse(chunk(None, event.finish_reason))
                 if usage_chunk is not None:
                     yield sse(usage_chunk(usage_of(event)))
@@ -193,8 +199,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         yield
         pool.close()
 
-    app = FastAPI(title="adaptserve", version="0.1.0", lifespan=lifespan,
-                  responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    app = FastAPI(
+        title="adaptserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
     app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
 
@@ -207,7 +217,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
-        message = "request body is not valid JSON" if code == "invalid_json" else f"{loc or 'body'}: {first.get('msg', 'invalid')}"
+        message = (
+            "request body is not valid JSON" if code == "invalid_json" else f"{loc or 'body'}: {first.get('msg', 'invalid')}"
+        )
         return invalid(message, code, loc or None).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -247,12 +259,29 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return CompletionResponse(id=rid, created=now, model=engine.name, choices=[choice]).model_dump(exclude_none=True)
 
         if req.stream:
-            usage = (lambda u: {"id": rid, "object": "text_completion", "created": now, "model": engine.name,
-                                "choices": [], "usage": u.model_dump()}) if req.stream_options and req.stream_options.include_usage else None
-            return StreamingResponse(stream_sse(generation, chunk, usage, pool.recorder(engine.name)), media_type="text/event-stream")
-        text, finish = await collect(generation, pool.recorder(engine.name))
-        return CompletionResponse(id=rid, created=now, model=engine.name, usage=usage_of(finish),
-                                  choices=[CompletionChoice(text=text, finish_reason=finish.finish_reason)])
+            usage = (
+                (
+                    lambda u: {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": now,
+                        "model": engine.name,
+                        "choices": [],
+                        "usage": u.model_dump(),
+                    }
+                )
+                if req.stream_options and req.stream_options.include_usage
+                else None
+            )
+            return StreamingResponse(stream_sse(generation, chunk, usage), media_type="text/event-stream")
+        done = await generation.collect()
+        return CompletionResponse(
+            id=rid,
+            created=now,
+            model=engine.name,
+            usage=usage_of(done.finish),
+            choices=[CompletionChoice(text=done.text, finish_reason=done.finish.finish_reason)],
+        )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
@@ -269,21 +298,34 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             nonlocal first
             delta = ChatDelta(role="assistant" if first else None, content=text)
             first = False
-            return ChatCompletionChunk(id=rid, created=now, model=engine.name,
-                                       choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
+            return ChatCompletionChunk(
+                id=rid, created=now, model=engine.name, choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]
+            ).model_dump(exclude_none=True)
 
         if req.stream:
-            usage = (lambda u: ChatCompletionChunk(id=rid, created=now, model=engine.name, choices=[], usage=u).model_dump(exclude_none=True)
-                     ) if req.stream_options and req.stream_options.include_usage else None
-            return StreamingResponse(stream_sse(generation, chunk, usage, pool.recorder(engine.name)), media_type="text/event-stream")
-        text, finish = await collect(generation, pool.recorder(engine.name))
-        return ChatCompletionResponse(id=rid, created=now, model=engine.name, usage=usage_of(finish),
-                                      choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish.finish_reason)])
+            usage = (
+                (
+                    lambda u: ChatCompletionChunk(id=rid, created=now, model=engine.name, choices=[], usage=u).model_dump(
+                        exclude_none=True
+                    )
+                )
+                if req.stream_options and req.stream_options.include_usage
+                else None
+            )
+            return StreamingResponse(stream_sse(generation, chunk, usage), media_type="text/event-stream")
+        done = await generation.collect()
+        return ChatCompletionResponse(
+            id=rid,
+            created=now,
+            model=engine.name,
+            usage=usage_of(done.finish),
+            choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish.finish_reason)],
+        )
 
     @app.post("/v1/finqa", response_model=FinQAResponse)
     async def finqa_answer(req: FinQARequest) -> FinQAResponse:
         engine = pool.get(req.model)
-        return await answer_finqa(pool, engine, req, pool.recorder(engine.name))
+        return await answer_finqa(pool, engine, req)
 
     if config.ui:
         from adaptserve.serve.ui import mount_ui
@@ -292,18 +334,32 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine, req: FinQARequest, on_finish: Callable[[Finished], None]) -> FinQAResponse:
+FINQA_SENTENCES = 3  # report sentences kept for a FinQA question; the table always stays whole
+FINQA_SHOTS = 2  # few-shot exemplars: FinQA tables are long, and a 2k-token prompt is slow to prefill on a CPU
+
+
+@functools.cache
+def finqa_fewshot() -> tuple[finqa.FinQARecord, ...]:
+    """The shortest shipped exemplars, each cut to its best-matching sentence."""
+    shots = [reduce_record(shot, 1) for shot in finqa.load_finqa(split="fewshot")]
+    return tuple(sorted(shots, key=lambda shot: len(finqa.build_context(shot)))[:FINQA_SHOTS])
+
+
+def as_sentences(text: list[str] | str) -> list[str]:
+    return [text] if isinstance(text, str) else text
+
+
+async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine, req: FinQARequest) -> FinQAResponse:
     """The model writes a FinQA program for the question; the server executes it, so arithmetic is exact."""
-    parts = {"question": req.question, "table": req.table,
-             "pre_text": [req.pre_text] if isinstance(req.pre_text, str) else req.pre_text,
-             "post_text": [req.post_text] if isinstance(req.post_text, str) else req.post_text}
+    pre, post = retrieve_sentences(req.question, as_sentences(req.pre_text), as_sentences(req.post_text), FINQA_SENTENCES)
+    parts = {"question": req.question, "table": req.table, "pre_text": pre, "post_text": post, "fewshot": finqa_fewshot()}
     if engine.has_chat_template:
         prompt = engine.chat_prompt(finqa.build_prompt(**parts))
     else:
         prompt = engine.tokenize(finqa.build_completion_prompt(**parts))
     # Greedy and one line: the program is the whole answer, and sampling only adds wrong digits.
     generation = pool.start(engine, prompt, SamplingParams(max_tokens=req.max_tokens, temperature=0.0, stop=("\n",)))
-    raw, _ = await collect(generation, on_finish)
+    raw = (await generation.collect()).text
     program = finqa.extract_program(raw)
     if program is None:
         return FinQAResponse(answer=None, program=None, raw=raw, model=engine.name, error="no program found in the model output")

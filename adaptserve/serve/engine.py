@@ -77,8 +77,8 @@ class Completion:
 class Generation:
     """The caller's end of one queued request: an async stream of events, cancelled when left early."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_finish: Callable[[Finished], None] | None = None) -> None:
+        self._loop, self._on_finish = loop, on_finish
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -94,12 +94,23 @@ class Generation:
                 event = await self._events.get()
                 if isinstance(event, Failed):
                     raise EngineError(event.message)
+                if isinstance(event, Finished) and self._on_finish is not None:
+                    self._on_finish(event)
                 yield event
                 if isinstance(event, Finished):
                     return
         finally:
             # Client gone or consumer done: the worker drops the job at its next token (or before it starts).
             self.cancelled.set()
+
+    async def collect(self) -> Completion:
+        parts: list[str] = []
+        async for event in self.events():
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                return Completion("".join(parts), event)
+        raise EngineError("generation ended without a result")
 
 
 @dataclass
@@ -198,10 +209,12 @@ class LlamaCppEngine:
 
     # ---- request side: async API for the HTTP layer ----
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, on_finish: Callable[[Finished], None] | None = None
+    ) -> Generation:
         """Queue a generation; raises PromptTooLong or EngineBusy at once, before anything is streamed."""
         self.budget(prompt, params.max_tokens)
-        generation = Generation(asyncio.get_running_loop())
+        generation = Generation(asyncio.get_running_loop(), on_finish)
         job = _Job(list(prompt), params, generation.put, generation.cancelled)
         try:
             self._jobs.put_nowait(job)
@@ -210,13 +223,7 @@ class LlamaCppEngine:
         return generation
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
-        parts: list[str] = []
-        async for event in self.submit(prompt, params).events():
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                return Completion("".join(parts), event)
-        raise EngineError("generation ended without a result")
+        return await self.submit(prompt, params).collect()
 
     @property
     def queue_depth(self) -> int:
@@ -258,9 +265,7 @@ class LlamaCppEngine:
         started, first_token_at = time.perf_counter(), None
         n, reason, cut = 0, "length", False
         # top_k=0 and min_p=0 switch those filters off, so temperature/top_p mean what OpenAI clients expect.
-        tokens = llm.generate(
-            job.prompt, temp=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0
-        )
+        tokens = llm.generate(job.prompt, temp=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0)
         for token in tokens:
             if job.cancelled.is_set():
                 reason = "cancelled"

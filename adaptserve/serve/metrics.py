@@ -11,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adaptserve.serve.engine import Finished
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -46,11 +48,11 @@ class Metrics:
         self.queue_depth.labels(model).set_function(lambda: engine.queue_depth)
         self.engines.watched[model] = engine
 
-    def record_generation(self, model: str, prompt_tokens: int, completion_tokens: int, ttft: float | None) -> None:
-        self.tokens.labels(model, "prompt").inc(prompt_tokens)
-        self.tokens.labels(model, "completion").inc(completion_tokens)
-        if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
+    def record_generation(self, model: str, finished: Finished) -> None:
+        self.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(finished.completion_tokens)
+        if finished.time_to_first_token is not None:
+            self.ttft.labels(model).observe(finished.time_to_first_token)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -70,8 +72,9 @@ class _EngineCounters(Collector):
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         generated = CounterMetricFamily("adaptserve_engine_generated_tokens", "Tokens the engine decoded", labels=["model"])
-        cancelled = CounterMetricFamily("adaptserve_engine_cancelled_requests", "Requests dropped because their client left",
-                                        labels=["model"])
+        cancelled = CounterMetricFamily(
+            "adaptserve_engine_cancelled_requests", "Requests dropped because their client left", labels=["model"]
+        )
         for model, engine in self.watched.items():
             generated.add_metric([model], engine.tokens_generated)
             cancelled.add_metric([model], engine.requests_cancelled)

@@ -11,12 +11,12 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from offline boxes
 
-import gradio as gr  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
+import gradio as gr
+from fastapi import FastAPI
 
-from adaptserve.serve.app import APIError, ModelPool, answer_finqa  # noqa: E402
-from adaptserve.serve.engine import SamplingParams, TextDelta  # noqa: E402
-from adaptserve.serve.schema import FinQARequest  # noqa: E402
+from adaptserve.serve.app import APIError, ModelPool, answer_finqa
+from adaptserve.serve.engine import SamplingParams, TextDelta
+from adaptserve.serve.schema import FinQARequest
 
 EXAMPLE_TABLE = """| 2015 | 2014
 net revenue | $ 5829 | $ 5735
@@ -41,12 +41,17 @@ def parse_table(text: str) -> list[list[str]]:
 
 def build_ui(pool: ModelPool) -> gr.Blocks:
     async def chat(message: str, history: list[dict], model: str, temperature: float, max_tokens: int) -> AsyncIterator[str]:
-        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")]
+        messages = [
+            {"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")
+        ]
         messages.append({"role": "user", "content": message})
         try:
             engine = pool.get(model)
-            generation = pool.start(engine, engine.chat_prompt(messages), SamplingParams(
-                max_tokens=int(max_tokens), temperature=float(temperature), stop=engine.chat_stops()))
+            generation = pool.start(
+                engine,
+                engine.chat_prompt(messages),
+                SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), stop=engine.chat_stops()),
+            )
         except APIError as err:
             raise gr.Error(err.message) from None
         reply = ""
@@ -54,8 +59,6 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
             if isinstance(event, TextDelta):
                 reply += event.text
                 yield reply
-            else:
-                pool.recorder(engine.name)(event)
 
     async def finqa(model: str, question: str, table_text: str, context: str) -> tuple[str, str, str]:
         if not question.strip():
@@ -63,7 +66,7 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
         try:
             engine = pool.get(model)
             req = FinQARequest(question=question, table=parse_table(table_text), pre_text=[context] if context.strip() else [])
-            result = await answer_finqa(pool, engine, req, pool.recorder(engine.name))
+            result = await answer_finqa(pool, engine, req)
         except APIError as err:
             raise gr.Error(err.message) from None
         answer = result.error if result.answer is None else str(result.answer)
@@ -74,7 +77,7 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
         with gr.Tab("Chat"):
             model = gr.Dropdown(pool.names, value=pool.names[0], label="Model")
             with gr.Accordion("Sampling", open=False):
-                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+                temperature = gr.Slider(0.0, 2.0, value=0.3, step=0.05, label="Temperature")
                 max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
             gr.ChatInterface(chat, additional_inputs=[model, temperature, max_tokens], fill_height=False)
         with gr.Tab("FinQA"):

@@ -1,0 +1,208 @@
+"""The real server over real HTTP: OpenAI compatibility, streaming, FinQA, metrics, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from adaptserve import finqa
+from tests.conftest import Server
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "Name three colors."}]
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_health_and_models(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok", "models": ["smollm2-135m", "gemma3-270m"]}
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["smollm2-135m", "gemma3-270m"]
+
+
+def test_completion_usage_and_length(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["object"] == "text_completion" and body["model"] == "smollm2-135m"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+def test_chat_stream_is_openai_sse(client: httpx.Client) -> None:
+    r = client.post(
+        CHAT,
+        json={"messages": HELLO, "stream": True, "max_tokens": 24, "temperature": 0, "stream_options": {"include_usage": True}},
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")]
+    assert finish in (["stop"], ["length"])
+    usage = chunks[-1]["usage"]
+    # The same request without streaming yields the same text and token count (greedy).
+    plain = client.post(CHAT, json={"messages": HELLO, "max_tokens": 24, "temperature": 0}).json()
+    assert plain["choices"][0]["message"]["content"] == streamed
+    assert plain["usage"] == usage
+
+
+def test_openai_client_unchanged(server: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    assert {m.id for m in oa.models.list()} == {"smollm2-135m", "gemma3-270m"}
+    reply = oa.chat.completions.create(model="smollm2-135m", messages=HELLO, max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in oa.chat.completions.create(model="smollm2-135m", messages=HELLO, max_tokens=16, temperature=0, stream=True)
+        if c.choices
+    ]
+    assert "".join(pieces) == reply.choices[0].message.content
+    text = oa.completions.create(model="gemma3-270m", prompt="One, two, three,", max_tokens=8, temperature=0)
+    assert text.choices[0].text and text.model == "gemma3-270m"
+    base_chat = oa.chat.completions.create(model="gemma3-270m", messages=HELLO, max_tokens=8, temperature=0)
+    assert base_chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_seed_and_stop(client: httpx.Client) -> None:
+    req = {"prompt": "Once upon a time", "max_tokens": 20, "temperature": 1.0, "seed": 1234}
+    first, second = (client.post("/v1/completions", json=req).json()["choices"][0]["text"] for _ in range(2))
+    assert first == second
+    greedy = client.post("/v1/completions", json={**req, "temperature": 0}).json()["choices"][0]["text"]
+    word = greedy.split()[2]
+    cut = client.post("/v1/completions", json={**req, "temperature": 0, "stop": [word]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and word not in cut["text"] and greedy.startswith(cut["text"])
+
+
+def test_concurrent_requests_do_not_interleave(server: Server) -> None:
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(6)]
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+
+            async def one(p: str) -> str:
+                r = await ac.post("/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0})
+                return r.json()["choices"][0]["text"]
+
+            together = await asyncio.gather(*(one(p) for p in prompts))
+            alone = [await one(p) for p in prompts]
+            return together, alone
+
+    together, alone = asyncio.run(run())
+    assert together == alone
+
+
+def test_finqa_endpoint_executes_the_program(client: httpx.Client) -> None:
+    record = finqa.load_finqa(split="test")[0]
+    r = client.post(
+        "/v1/finqa",
+        json={
+            "question": record.question,
+            "pre_text": record.pre_text,
+            "table": record.table,
+            "post_text": record.post_text,
+            "max_tokens": 64,
+        },
+    )
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["model"] == "smollm2-135m" and isinstance(body["raw"], str)
+    if body["program"] is not None and body["error"] is None:
+        assert body["answer"] == finqa.execute_program(body["program"], record.table)
+    else:
+        assert body["answer"] is None and body["error"]
+
+
+def test_metrics_count_requests_and_tokens(client: httpx.Client) -> None:
+    client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    text = client.get("/metrics").text
+    assert 'adaptserve_requests_total{route="/v1/completions",status="200"}' in text
+    assert 'adaptserve_tokens_total{kind="completion",model="smollm2-135m"}' in text
+    assert "adaptserve_time_to_first_token_seconds_bucket" in text
+    assert 'adaptserve_queue_depth{model="gemma3-270m"}' in text
+
+
+BAD_REQUESTS = [
+    ("malformed json", CHAT, b'{"messages": [', 400, "invalid_json"),
+    ("not an object", CHAT, b"[1, 2]", 400, None),
+    ("wrong type", CHAT, {"messages": HELLO, "max_tokens": "ten"}, 400, None),
+    ("wrong message type", CHAT, {"messages": "hello"}, 400, None),
+    ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("empty messages", CHAT, {"messages": []}, 400, None),
+    ("missing prompt", "/v1/completions", {"max_tokens": 4}, 400, None),
+    ("unknown model", CHAT, {"model": "gpt-9", "messages": HELLO}, 404, "model_not_found"),
+    ("path as model", CHAT, {"model": "/etc/passwd", "messages": HELLO}, 404, "model_not_found"),
+    ("max_tokens zero", CHAT, {"messages": HELLO, "max_tokens": 0}, 400, None),
+    ("max_tokens negative", "/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, None),
+    ("max_tokens over cap", CHAT, {"messages": HELLO, "max_tokens": 100_000}, 400, None),
+    ("temperature out of range", CHAT, {"messages": HELLO, "temperature": 7}, 400, None),
+    ("several choices", CHAT, {"messages": HELLO, "n": 3}, 400, None),
+    ("too many stops", CHAT, {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
+    ("prompt over context", "/v1/completions", {"prompt": "word " * 5000, "max_tokens": 4}, 400, "context_length_exceeded"),
+    (
+        "prompt + max_tokens over context",
+        "/v1/completions",
+        {"prompt": "word " * 1900, "max_tokens": 500},
+        400,
+        "context_length_exceeded",
+    ),
+    ("finqa without question", "/v1/finqa", {"table": [["a", "1"]]}, 400, None),
+    ("finqa table of numbers", "/v1/finqa", {"question": "q", "table": [[1, 2]]}, 400, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(
+    client: httpx.Client, server: Server, name: str, path: str, body: object, status: int, code: str | None
+) -> None:
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if code:
+        assert error["code"] == code
+    ok = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200 and server.alive()
+
+
+def test_unknown_route_is_json_404(client: httpx.Client) -> None:
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    lines = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+def test_client_disconnect_mid_stream_stops_generation(server: Server, client: httpx.Client) -> None:
+    cancelled = metric(client, "adaptserve_engine_cancelled_requests_total")
+    generated = metric(client, "adaptserve_engine_generated_tokens_total")
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json={"prompt": "Write a long story.", "max_tokens": 500, "stream": True}) as r,
+    ):
+        for _ in zip(range(4), r.iter_lines(), strict=False):
+            pass  # read a little, then hang up
+    for _ in range(100):
+        if metric(client, "adaptserve_engine_cancelled_requests_total") > cancelled:
+            break
+        time.sleep(0.1)
+    assert metric(client, "adaptserve_engine_cancelled_requests_total") == cancelled + 1
+    assert metric(client, "adaptserve_engine_generated_tokens_total") - generated < 100  # far short of 500
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200
