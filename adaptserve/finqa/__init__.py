@@ -3,12 +3,23 @@
 from adaptserve.finqa.data import FinQADataError, FinQARecord, data_hash, load_finqa
 from adaptserve.finqa.metrics import Scored, answers_match, parse_numeric_answer, plain_answer_matches, score, score_output
 from adaptserve.finqa.program import ProgramError, Ref, Step, execute_program, extract_program, parse_program
-from adaptserve.finqa.prompts import build_completion_prompt, build_context, build_prompt, linearize_table
+from adaptserve.finqa.prompts import (
+    BASE_STYLE,
+    PromptStyle,
+    build_completion_prompt,
+    build_context,
+    build_prompt,
+    linearize_table,
+    record_prompt,
+    task_prompt,
+)
 
 __all__ = [
+    "BASE_STYLE",
     "FinQADataError",
     "FinQARecord",
     "ProgramError",
+    "PromptStyle",
     "Ref",
     "Scored",
     "Step",
@@ -24,6 +35,8 @@ __all__ = [
     "parse_numeric_answer",
     "parse_program",
     "plain_answer_matches",
+    "record_prompt",
     "score",
     "score_output",
+    "task_prompt",
 ]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from adaptserve.finqa.data import FinQARecord, load_finqa
+from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
 
 SYSTEM = (
     "Answer the question about a financial report by writing a program. "
@@ -115,3 +117,43 @@ def _context(pre_text: Sequence[str], table: Sequence[Sequence[str]], post_text:
     rows = linearize_table(table)
     parts = [" ".join(pre), f"Table:\n{rows}" if rows else "", " ".join(post)]
     return "\n".join(part for part in parts if part)
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a model is asked: a base model needs exemplars, an adapter trained on the zero-shot form does not.
+
+    `sentences` report sentences (BM25 against the question) go in beside the whole table, which keeps prompts
+    near 400 tokens instead of FinQA's ~1000-token median: a CPU prefills them quickly and a small model reads them.
+    """
+
+    shots: int = 2
+    sentences: int = 3
+
+
+BASE_STYLE = PromptStyle(shots=2, sentences=3)
+
+
+@functools.lru_cache(maxsize=8)
+def shortest_fewshot(n: int) -> tuple[FinQARecord, ...]:
+    """The `n` shortest shipped exemplars, each cut to its best-matching sentence."""
+    shots = [reduce_record(shot, 1) for shot in _default_fewshot()]
+    return tuple(sorted(shots, key=lambda shot: len(build_context(shot)))[:n])
+
+
+def task_prompt(
+    question: str,
+    table: Sequence[Sequence[str]],
+    pre_text: Sequence[str],
+    post_text: Sequence[str],
+    style: PromptStyle,
+    chat: bool,
+) -> list[dict[str, str]] | str:
+    """The prompt a model of this style gets: chat messages, or plain text for a model without a chat template."""
+    pre, post = retrieve_sentences(question, pre_text, post_text, style.sentences)
+    build = build_prompt if chat else build_completion_prompt
+    return build(question=question, table=table, pre_text=pre, post_text=post, fewshot=shortest_fewshot(style.shots))
+
+
+def record_prompt(record: FinQARecord, style: PromptStyle, chat: bool) -> list[dict[str, str]] | str:
+    return task_prompt(record.question, record.table, record.pre_text, record.post_text, style, chat)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -21,7 +20,6 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve import finqa
-from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
 from adaptserve.models import DEFAULT_MODEL, ModelSpec, resolve
 from adaptserve.serve.engine import (
     EngineBusy,
@@ -132,6 +130,9 @@ class ModelPool:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
         except EngineBusy as err:
             raise APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"}) from None
+
+    def finqa_style(self, name: str) -> finqa.PromptStyle:
+        return finqa.BASE_STYLE
 
     def get(self, name: str | None) -> LlamaCppEngine:
         name = name or self.names[0]
@@ -334,29 +335,21 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-FINQA_SENTENCES = 3  # report sentences kept for a FinQA question; the table always stays whole
-FINQA_SHOTS = 2  # few-shot exemplars: FinQA tables are long, and a 2k-token prompt is slow to prefill on a CPU
-
-
-@functools.cache
-def finqa_fewshot() -> tuple[finqa.FinQARecord, ...]:
-    """The shortest shipped exemplars, each cut to its best-matching sentence."""
-    shots = [reduce_record(shot, 1) for shot in finqa.load_finqa(split="fewshot")]
-    return tuple(sorted(shots, key=lambda shot: len(finqa.build_context(shot)))[:FINQA_SHOTS])
-
-
 def as_sentences(text: list[str] | str) -> list[str]:
     return [text] if isinstance(text, str) else text
 
 
 async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine, req: FinQARequest) -> FinQAResponse:
     """The model writes a FinQA program for the question; the server executes it, so arithmetic is exact."""
-    pre, post = retrieve_sentences(req.question, as_sentences(req.pre_text), as_sentences(req.post_text), FINQA_SENTENCES)
-    parts = {"question": req.question, "table": req.table, "pre_text": pre, "post_text": post, "fewshot": finqa_fewshot()}
-    if engine.has_chat_template:
-        prompt = engine.chat_prompt(finqa.build_prompt(**parts))
-    else:
-        prompt = engine.tokenize(finqa.build_completion_prompt(**parts))
+    prompt_parts = finqa.task_prompt(
+        req.question,
+        req.table,
+        as_sentences(req.pre_text),
+        as_sentences(req.post_text),
+        pool.finqa_style(engine.name),
+        chat=engine.has_chat_template,
+    )
+    prompt = engine.chat_prompt(prompt_parts) if isinstance(prompt_parts, list) else engine.tokenize(prompt_parts)
     # Greedy and one line: the program is the whole answer, and sampling only adds wrong digits.
     generation = pool.start(engine, prompt, SamplingParams(max_tokens=req.max_tokens, temperature=0.0, stop=("\n",)))
     raw = (await generation.collect()).text
