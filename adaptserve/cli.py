@@ -53,18 +53,36 @@ def _serve(args: argparse.Namespace) -> None:
     serve(config_from_args(ServeConfig, args))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from adaptserve.train import TrainConfig, train
+
+    report = train(config_from_args(TrainConfig, args))
+    log.info("adapter written to %s (final loss %.4f, %.0f tokens/s)", report.output_dir, report.final_loss, report.tokens_per_second)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from adaptserve.export import ExportConfig, export
+
+    report = export(config_from_args(ExportConfig, args))
+    log.info("exports written to %s", report.output_dir)
+
+
 def _models(_: argparse.Namespace) -> None:
     for name, builtin in BUILTINS.items():
         sys.stdout.write(f"{name:16} {builtin.description}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adaptserve.export.config import ExportConfig
     from adaptserve.serve import ServeConfig
+    from adaptserve.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     commands: list[tuple[str, str, type | None, Callable[[argparse.Namespace], None]]] = [
+        ("train", "train a LoRA/QLoRA adapter (or fully fine-tune) on FinQA or instruction data", TrainConfig, _train),
+        ("export", "merge an adapter into its base and write HF, GGUF (f16/q8_0/q4_k_m) or 4-bit exports", ExportConfig, _export),
         ("serve", "serve models over an OpenAI-compatible HTTP API with a chat UI at /ui", ServeConfig, _serve),
         ("models", "list the built-in models", None, _models),
     ]

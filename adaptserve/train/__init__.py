@@ -1,0 +1,21 @@
+"""Training: adapt a base model to a task with LoRA, QLoRA or full fine-tuning, on CPU or GPU.
+
+    from adaptserve.train import TrainConfig, train
+    report = train(TrainConfig(data=["train.json", "dev.json:300:"], output_dir="runs/finqa", max_steps=200))
+
+The loop itself (torch, transformers, peft) is imported on first use, so that the CLI can build its flags from
+TrainConfig without paying for those imports.
+"""
+
+from adaptserve.train.config import TrainConfig, TrainError
+from adaptserve.train.report import TrainReport
+
+
+def train(config: TrainConfig) -> TrainReport:
+    """Run `config`; see adaptserve.train.loop.train."""
+    from adaptserve.train.loop import train as run
+
+    return run(config)
+
+
+__all__ = ["TrainConfig", "TrainError", "TrainReport", "train"]

@@ -1,0 +1,165 @@
+"""Training: real (tiny) LoRA runs of SmolLM2-135M on CPU, a kill and resume, and the retrieval that shortens prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from adaptserve import finqa  # noqa: E402
+from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences  # noqa: E402
+from adaptserve.train import TrainConfig, TrainError, train  # noqa: E402
+from adaptserve.train.checkpoint import latest  # noqa: E402
+from adaptserve.train.data import collate, encode, load_items, plan_batches  # noqa: E402
+from adaptserve.train.model import base_dir, load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# The shortest shipped FinQA examples, table only: ~3 s a step. One thread: on 2 cores shared with other work,
+# two OpenMP threads wait on each other and run 5-10x slower.
+TINY = dict(data=["sample"], retrieval_k=0, max_seq_len=360, rank=4, alpha=8.0, batch_size=1, grad_accum=1, lr=1e-3,
+            threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def chats(tmp_path: Path) -> Path:
+    """Short instruction examples in both accepted forms, so that a step takes well under a second."""
+    rows = [{"instruction": f"Add {a} and {b}.", "output": str(a + b)} for a, b in [(2, 3), (10, 7), (41, 1)]]
+    rows += [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+             for w in ("yes", "no", "maybe")]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tiny_finqa_run_gives_a_loadable_adapter(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = train(TrainConfig(**TINY, max_steps=2, save_every=0, output_dir=str(out)))
+
+    assert report.steps == 2 and len(report.loss_history) == 2 and report.final_loss > 0
+    assert report.examples > 0 and report.tokens_per_second > 0 and report.peak_memory_bytes > 100 * 2**20
+    assert report.data_hash == finqa.data_hash(finqa.load_finqa(None, "dev"))
+    saved = json.loads((out / "train_report.json").read_text())
+    assert saved["config"]["rank"] == 4 and saved["base_model"] == "smollm2-135m"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tokenizer.json").is_file() and not (out / "checkpoints").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m"))
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "training left the adapter at its zero init"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, 4, base.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path: Path, chats: Path) -> None:
+    steps = 8
+    args = dict(data=[str(chats)], rank=4, alpha=8.0, batch_size=2, grad_accum=1, max_steps=steps, save_every=2,
+                threads=1, seed=3)
+    out = tmp_path / "killed"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "data"]
+    cmd = [sys.executable, "-m", "adaptserve.train", "--data", str(chats), *flags, "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while latest(out / "checkpoints") is None:
+        assert proc.poll() is None, f"training exited early:\n{proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "no checkpoint within 90 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = latest(out / "checkpoints")
+    assert killed_at is not None
+    done_before = int(killed_at.name.removeprefix("step-"))
+    assert 2 <= done_before < steps, "the kill should land mid-run"
+
+    with pytest.raises(TrainError, match="resume"):
+        train(TrainConfig(**args, output_dir=str(out)))
+    resumed = train(TrainConfig(**args, output_dir=str(out), resume=True))
+    assert resumed.steps == steps and len(resumed.loss_history) == steps
+    assert latest(out / "checkpoints").name == f"step-{steps:08d}"  # type: ignore[union-attr]
+    assert len(list((out / "checkpoints").iterdir())) == 2  # the last two are kept
+
+    # Optimizer, schedule, RNG and data order all carried over: the losses are those of an unbroken run.
+    unbroken = train(TrainConfig(**args, output_dir=str(tmp_path / "unbroken")))
+    assert resumed.loss_history == pytest.approx(unbroken.loss_history, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(max_steps=0), "max_steps must be positive"),
+        (dict(method="dpo"), "method must be one of"),
+        (dict(base_model="no-such-model"), "unknown model"),
+        (dict(data=["/nonexistent/train.json"]), "no such file"),
+        (dict(data=["sample:1000:"]), "holds no examples"),
+        (dict(max_seq_len=50), "no example fits max_seq_len=50"),
+        (dict(target_modules=["no_such_proj"]), "cannot apply LoRA"),
+    ],
+)
+def test_bad_input_fails_clearly(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    with pytest.raises(TrainError, match=message):
+        train(TrainConfig(**{**TINY, **change, "output_dir": str(tmp_path / "out")}))  # type: ignore[arg-type]
+
+
+def test_bad_data_and_missing_packages_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(TrainError, match="ending in an assistant answer"):
+        load_items([str(bad)])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importing it now raises ImportError
+    with pytest.raises(TrainError, match="pip install bitsandbytes"):
+        train(TrainConfig(**{**TINY, "method": "qlora", "output_dir": str(tmp_path / "q")}))  # type: ignore[arg-type]
+
+
+def test_examples_score_only_the_answer(tokenizer, chats: Path) -> None:  # type: ignore[no-untyped-def]
+    examples = encode(load_items([str(chats)]), tokenizer, retrieval_k=0, max_seq_len=512)
+    first = examples[0]
+    assert tokenizer.decode(first.prompt).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(first.answer) == "5<|im_end|>\n"
+    batch = collate(examples[:3], tokenizer.pad_token_id)
+    assert batch.input_ids[batch.predict.roll(1, dims=1)].tolist() == batch.targets.tolist()
+    assert batch.tokens == sum(len(e) for e in examples[:3])
+
+
+def test_batch_plan_covers_each_epoch_and_extends_stably() -> None:
+    lengths = [5, 50, 7, 30, 12, 9, 41]
+    short, long = plan_batches(lengths, 2, 0, 4), plan_batches(lengths, 2, 0, 10)
+    assert long[:4] == short
+    assert sorted(i for batch in long[:4] for i in batch) == list(range(7))  # one epoch: every example once
+
+
+def test_retrieval_keeps_the_table_and_the_matching_sentences_in_order() -> None:
+    pre = ["the company was founded in 1901 .", "net revenue was $ 5,829 million in 2015 .", "."]
+    post = ["employees numbered 1200 .", "net revenue in 2014 was $ 5735 million ."]
+    question = "what is the change in net revenue from 2014 to 2015?"
+    assert retrieve_sentences(question, pre, post, 2) == ([pre[1]], [post[1]])
+    assert retrieve_sentences(question, pre, post, 0) == ([], [])
+    assert retrieve_sentences("what about 5829?", pre, post, 3) == ([pre[1]], [])  # numbers match across "5,829"
+
+    record = finqa.load_finqa(None, "dev")[0]
+    reduced = reduce_record(record, 2)
+    assert reduced.table == record.table and len(reduced.pre_text) + len(reduced.post_text) <= 2
+    kept = reduced.pre_text + reduced.post_text
+    original = [s for s in record.pre_text + record.post_text if s in kept]
+    assert kept == original
