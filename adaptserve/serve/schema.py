@@ -43,6 +43,9 @@ class SamplingFields(_Request):
             raise ValueError(f"stop strings are at most {MAX_STOP_LENGTH} characters")
         return stop
 
+    def wants_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 

@@ -20,7 +20,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adaptserve import finqa
-from adaptserve.finqa.retrieve import reduce_record
 from adaptserve.train.config import TrainError
 
 log = logging.getLogger(__name__)
@@ -146,10 +145,12 @@ def _encode(item: Item, tokenizer: PreTrainedTokenizerBase, retrieval_k: int) ->
 def _texts(item: Item, tokenizer: PreTrainedTokenizerBase, retrieval_k: int) -> tuple[str, str]:
     """(prompt, answer) text of an item, the answer ending where generation should stop."""
     if isinstance(item, finqa.FinQARecord):
-        reduced = reduce_record(item, retrieval_k)
-        if tokenizer.chat_template is None:
-            return finqa.build_completion_prompt(reduced, fewshot=[]), f" {item.program}{tokenizer.eos_token}"
-        messages = [*finqa.build_prompt(reduced, fewshot=[]), {"role": "assistant", "content": item.program}]
+        # The very prompt the server gives an adapter (zero-shot, `retrieval_k` sentences): train as you serve.
+        style = finqa.PromptStyle(shots=0, sentences=retrieval_k)
+        prompt = finqa.record_prompt(item, style, chat=tokenizer.chat_template is not None)
+        if isinstance(prompt, str):
+            return prompt, f" {item.program}{tokenizer.eos_token}"
+        messages = [*prompt, {"role": "assistant", "content": item.program}]
     else:
         messages = item.messages
     if tokenizer.chat_template is None:
