@@ -57,7 +57,9 @@ def _train(args: argparse.Namespace) -> None:
     from adaptserve.train import TrainConfig, train
 
     report = train(config_from_args(TrainConfig, args))
-    log.info("adapter written to %s (final loss %.4f, %.0f tokens/s)", report.output_dir, report.final_loss, report.tokens_per_second)
+    log.info(
+        "adapter written to %s (final loss %.4f, %.0f tokens/s)", report.output_dir, report.final_loss, report.tokens_per_second
+    )
 
 
 def _export(args: argparse.Namespace) -> None:

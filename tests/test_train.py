@@ -16,22 +16,21 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from adaptserve import finqa  # noqa: E402
-from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences  # noqa: E402
-from adaptserve.train import TrainConfig, TrainError, train  # noqa: E402
-from adaptserve.train.checkpoint import latest  # noqa: E402
-from adaptserve.train.data import collate, encode, load_items, plan_batches  # noqa: E402
-from adaptserve.train.model import base_dir, load_tokenizer  # noqa: E402
+from adaptserve import finqa
+from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
+from adaptserve.train import TrainConfig, TrainError, train
+from adaptserve.train.checkpoint import latest
+from adaptserve.train.data import collate, encode, load_items, plan_batches
+from adaptserve.train.model import base_dir, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # The shortest shipped FinQA examples, table only: ~3 s a step. One thread: on 2 cores shared with other work,
 # two OpenMP threads wait on each other and run 5-10x slower.
-TINY = dict(data=["sample"], retrieval_k=0, max_seq_len=360, rank=4, alpha=8.0, batch_size=1, grad_accum=1, lr=1e-3,
-            threads=1)
+TINY = dict(data=["sample"], retrieval_k=0, max_seq_len=360, rank=4, alpha=8.0, batch_size=1, grad_accum=1, lr=1e-3, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,10 @@ def tokenizer():  # type: ignore[no-untyped-def]
 def chats(tmp_path: Path) -> Path:
     """Short instruction examples in both accepted forms, so that a step takes well under a second."""
     rows = [{"instruction": f"Add {a} and {b}.", "output": str(a + b)} for a, b in [(2, 3), (10, 7), (41, 1)]]
-    rows += [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
-             for w in ("yes", "no", "maybe")]
+    rows += [
+        {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+        for w in ("yes", "no", "maybe")
+    ]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -75,8 +76,9 @@ def test_tiny_finqa_run_gives_a_loadable_adapter(tmp_path: Path) -> None:
 
 def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path: Path, chats: Path) -> None:
     steps = 8
-    args = dict(data=[str(chats)], rank=4, alpha=8.0, batch_size=2, grad_accum=1, max_steps=steps, save_every=2,
-                threads=1, seed=3)
+    args = dict(
+        data=[str(chats)], rank=4, alpha=8.0, batch_size=2, grad_accum=1, max_steps=steps, save_every=2, threads=1, seed=3
+    )
     out = tmp_path / "killed"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "data"]
     cmd = [sys.executable, "-m", "adaptserve.train", "--data", str(chats), *flags, "--output-dir", str(out)]

@@ -52,16 +52,15 @@ def bm25_scores(query: str, sentences: Sequence[str]) -> list[float]:
     return scores
 
 
-def retrieve_sentences(
-    question: str, pre_text: Sequence[str], post_text: Sequence[str], k: int
-) -> tuple[list[str], list[str]]:
+def retrieve_sentences(question: str, pre_text: Sequence[str], post_text: Sequence[str], k: int) -> tuple[list[str], list[str]]:
     """The `k` best-matching sentences (only those sharing a term with the question), split back into the
     text before and after the table and kept in their original order."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     # FinQA keeps one "." per table line it extracted from the PDF; those carry nothing.
-    sentences = [(side, i, s) for side, text in enumerate((pre_text, post_text)) for i, s in enumerate(text)
-                 if any(c.isalnum() for c in s)]
+    sentences = [
+        (side, i, s) for side, text in enumerate((pre_text, post_text)) for i, s in enumerate(text) if any(c.isalnum() for c in s)
+    ]
     scores = bm25_scores(question, [s for _, _, s in sentences])
     ranked = sorted(range(len(sentences)), key=lambda j: -scores[j])  # stable: ties keep the earlier sentence
     keep = sorted(j for j in ranked[:k] if scores[j] > 0)

@@ -130,7 +130,9 @@ class ModelPool:
         from adaptserve.export import ensure_gguf
 
         self.finqa_styles[spec.name] = adapter_style(spec.path)
-        return dataclasses.replace(spec, format="gguf", location=str(ensure_gguf(spec.path, self.config.adapter_quant)))
+        return dataclasses.replace(
+            spec, format="gguf", location=str(ensure_gguf(spec.path, self.config.adapter_quant, self.config.n_threads))
+        )
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -150,7 +150,10 @@ class LlamaCppEngine:
     def __init__(self, spec: ModelSpec, n_ctx: int = 4096, n_threads: int | None = None, queue_size: int = 64) -> None:
         self.name = spec.name
         self.spec = spec
-        self.llm = llama_cpp.Llama(model_path=str(spec.path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        # n_threads_batch too: left alone it takes every core, and prompt processing stalls when one is busy.
+        self.llm = llama_cpp.Llama(
+            model_path=str(spec.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+        )
         self.n_ctx = self.llm.n_ctx()
         self._chat = self._chat_formatter()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)

@@ -17,20 +17,25 @@ class TrainError(ValueError):
 
 @dataclass
 class TrainConfig:
-    base_model: str = field(default=DEFAULT_MODEL, metadata={"help": "model to adapt: built-in name, .gguf, HF directory or hub id"})
+    base_model: str = field(
+        default=DEFAULT_MODEL, metadata={"help": "model to adapt: built-in name, .gguf, HF directory or hub id"}
+    )
     data: list[str] = field(
         default_factory=lambda: ["sample"],
-        metadata={"help": "training data, one or more of: 'sample' (the shipped FinQA sample, for smoke runs), a FinQA "
-                  ".json/.jsonl file, an instruction .jsonl (instruction/input/output or messages), a FinQA directory "
-                  "or hub id (split 'train', or name one as SOURCE@SPLIT); append :START:END to take a slice, "
-                  "e.g. dev.json:300:"},
+        metadata={
+            "help": "training data, one or more of: 'sample' (the shipped FinQA sample, for smoke runs), a FinQA "
+            ".json/.jsonl file, an instruction .jsonl (instruction/input/output or messages), a FinQA directory "
+            "or hub id (split 'train', or name one as SOURCE@SPLIT); append :START:END to take a slice, "
+            "e.g. dev.json:300:"
+        },
     )
     method: str = field(default="lora", metadata={"help": "lora, qlora (4-bit NF4 base, needs bitsandbytes) or full"})
     rank: int = field(default=16, metadata={"help": "LoRA rank"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha/rank)"})
     dropout: float = field(
-        default=0.0, metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, "
-                               "1.6x the activation memory"})
+        default=0.0,
+        metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, 1.6x the activation memory"},
+    )
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "modules LoRA adapts: all-linear, or names such as q_proj v_proj"},
@@ -42,17 +47,24 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
     max_seq_len: int = field(default=768, metadata={"help": "longest example in tokens; longer ones are skipped"})
-    retrieval_k: int = field(default=2, metadata={"help": "FinQA report sentences kept beside the table (BM25 against the question)"})
+    retrieval_k: int = field(
+        default=2, metadata={"help": "FinQA report sentences kept beside the table (BM25 against the question)"}
+    )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward pass: far less memory, a third more time"})
+        default=False, metadata={"help": "recompute activations in the backward pass: far less memory, a third more time"}
+    )
     precision: str = field(
         default="auto",
-        metadata={"help": "bf16 (autocast; frozen weights stored in bf16), fp32, or auto: bf16 where the hardware "
-                  "computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32"},
+        metadata={
+            "help": "bf16 (autocast; frozen weights stored in bf16), fp32, or auto: bf16 where the hardware "
+            "computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, dropout and data order"})
     output_dir: str = field(default="runs/train", metadata={"help": "where the adapter, checkpoints and report go"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps and at the last (0: no checkpoints)"})
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every N optimizer steps and at the last (0: no checkpoints)"}
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --output-dir"})
     report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)"})

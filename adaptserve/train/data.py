@@ -57,8 +57,9 @@ class Batch:
     tokens: int  # real (unpadded) tokens
 
     def to(self, device: torch.device) -> Batch:
-        return replace(self, input_ids=self.input_ids.to(device), predict=self.predict.to(device),
-                       targets=self.targets.to(device))
+        return replace(
+            self, input_ids=self.input_ids.to(device), predict=self.predict.to(device), targets=self.targets.to(device)
+        )
 
 
 def load_items(sources: Sequence[str]) -> list[Item]:

@@ -21,7 +21,7 @@ from adaptserve.train import checkpoint
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.data import Batch, collate, encode, load_items, plan_batches
 from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, save_weights, use_bf16
-from adaptserve.train.report import TrainReport, Tracker
+from adaptserve.train.report import Tracker, TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ def train(config: TrainConfig) -> TrainReport:
         progress.seconds += seconds
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
-        tracker.log(progress.step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                    "tokens_per_second": tokens / seconds})
+        tracker.log(
+            progress.step,
+            {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_second": tokens / seconds},
+        )
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == steps):
             checkpoint.save(ckpt_root, model, optimizer, scheduler, progress, data_hash, plan)
     bar.close()
@@ -138,8 +140,13 @@ def train(config: TrainConfig) -> TrainReport:
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     )
     report.write(out)
-    log.info("done: %d steps, final loss %.4f, %.0f tokens/s; adapter in %s", report.steps, report.final_loss,
-             report.tokens_per_second, out)
+    log.info(
+        "done: %d steps, final loss %.4f, %.0f tokens/s; adapter in %s",
+        report.steps,
+        report.final_loss,
+        report.tokens_per_second,
+        out,
+    )
     return report
 
 

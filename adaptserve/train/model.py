@@ -98,8 +98,9 @@ def load_model(config: TrainConfig, device: torch.device, bf16: bool) -> Model:
     if config.method == "full":
         return model
     targets = "all-linear" if config.target_modules == ["all-linear"] else config.target_modules
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     try:
         # autocast_adapter_dtype keeps the LoRA weights in fp32 on a bf16 base, so AdamW updates stay exact.
         model = get_peft_model(model, lora, autocast_adapter_dtype=True)
@@ -116,8 +117,9 @@ def _nf4(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
         import bitsandbytes  # noqa: F401  (only checked for: transformers imports it itself)
     except ImportError as err:
         raise TrainError("method 'qlora' needs bitsandbytes: pip install bitsandbytes") from err
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+    )
 
 
 def save_weights(model: Model, path: Path) -> None:

@@ -1,0 +1,37 @@
+"""Export a LoRA adapter for cheap hardware: merged into its base as a Hugging Face directory, GGUF (f16, q8_0,
+q4_k_m) for llama.cpp, or a bitsandbytes NF4 checkpoint for GPUs; each export is checked to still generate
+what the unmerged adapter generates.
+
+    from adaptserve.export import ExportConfig, export, ensure_gguf
+    report = export(ExportConfig(adapter="runs/train", formats=["hf", "gguf"], quants=["q8_0", "q4_k_m"]))
+    path = ensure_gguf("runs/train")  # cached merged q4_k_m GGUF, for the server
+
+torch and transformers are imported on first use, so the CLI can list this command's flags without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adaptserve.export.config import FORMATS, QUANTS, ExportConfig, ExportError
+
+if TYPE_CHECKING:
+    from adaptserve.export.pipeline import ExportReport
+
+__all__ = ["FORMATS", "QUANTS", "ExportConfig", "ExportError", "ensure_gguf", "export"]
+
+
+def export(config: ExportConfig) -> ExportReport:
+    """Merge the adapter and write every requested format plus export_report.json; see `pipeline.export`."""
+    config.validate()  # before the heavy imports, so a bad flag fails at once
+    from adaptserve.export.pipeline import export as run
+
+    return run(config)
+
+
+def ensure_gguf(adapter_dir: str | Path, quant: str = "q4_k_m", threads: int | None = None) -> Path:
+    """The adapter merged into a cached GGUF, exported on first call; see `pipeline.ensure_gguf`."""
+    from adaptserve.export.pipeline import ensure_gguf as run
+
+    return run(adapter_dir, quant, threads)

@@ -1,0 +1,150 @@
+"""Merge: read a PEFT LoRA adapter, check it fits the base, fold it into the base's float32 weights, and save the
+result as a Hugging Face directory (and, for GPUs, as a bitsandbytes NF4 checkpoint).
+
+The base is never merged in its 4-bit GGUF form: it is dequantized to float32 first (once, cached by
+`adaptserve.train.model.base_dir`, shared with training), so the merged weights are the base the adapter was
+trained on plus B @ A. Loaded from that plain copy, the merged model saves with `save_pretrained` as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptserve.export.config import ExportError
+from adaptserve.train.model import base_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_REPORT = "train_report.json"
+# PEFT saves LoRA factors as base_model.model.<module>.lora_A.weight (lora_embedding_A for embeddings).
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:embedding_)?(?P<side>[AB])(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    path: Path
+    recorded_base: str | None  # the base the adapter says it was trained on, if it says
+    shapes: dict[str, tuple[int, ...]]  # tensor name in the safetensors file -> shape
+
+
+def read_adapter(path: Path) -> Adapter:
+    """Check the adapter's files are there and readable; a truncated or corrupt file fails here, not mid-export."""
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ExportError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    config = _read_json(path / ADAPTER_CONFIG)
+    if config.get("peft_type") != "LORA":
+        raise ExportError(f"{path}: only LoRA adapters can be exported, this one is {config.get('peft_type')!r}")
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ExportError(f"{path}: adapter weights {ADAPTER_WEIGHTS} are missing")
+    try:  # the header lists every tensor's byte range, so a truncated file fails to open
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{weights}: unreadable, truncated or corrupt ({err})") from err
+    if not any(_LORA_KEY.match(key) for key in shapes):
+        raise ExportError(f"{weights}: holds no LoRA weights")
+    report = path / TRAIN_REPORT
+    recorded = (_read_json(report).get("base_model") if report.is_file() else None) or config.get("base_model_name_or_path")
+    return Adapter(path, recorded, shapes)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: unreadable ({err})") from err
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_base(ref: str) -> tuple[PreTrainedModel, str]:
+    """The base in float32 on CPU, and the Hugging Face directory (or hub id) it was loaded from."""
+    try:
+        location = base_dir(ref)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), location
+    except (ValueError, OSError) as err:  # unknown reference, offline hub id, unreadable weights
+        raise ExportError(f"cannot load base model {ref!r}: {err}") from err
+
+
+def load_tokenizer(adapter: Adapter, base_location: str) -> PreTrainedTokenizerBase:
+    """The adapter's own tokenizer files when it has them (what training used), else the base's."""
+    has_own = (adapter.path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter.path) if has_own else base_location)
+    if tokenizer.chat_template is None and has_own:
+        tokenizer.chat_template = AutoTokenizer.from_pretrained(base_location).chat_template
+    return tokenizer
+
+
+def check_fits(model: PreTrainedModel, adapter: Adapter, base_ref: str) -> None:
+    """Every LoRA factor must sit on a module of the base with matching in/out sizes.
+
+    Comparing shapes here turns an adapter made for another model into one clear message instead of a
+    size-mismatch traceback from deep inside torch.
+    """
+    modules = dict(model.named_modules())
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    problems = [p for key, shape in adapter.shapes.items() if (p := _misfit(key, shape, modules, params))]
+    if problems:
+        raise ExportError(
+            f"adapter {adapter.path} does not fit base {base_ref!r} (adapter records base {adapter.recorded_base!r}): "
+            f"{len(problems)} of {len(adapter.shapes)} tensors mismatch, e.g. " + "; ".join(problems[:3])
+        )
+
+
+def _misfit(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], params: dict[str, tuple[int, ...]]) -> str | None:
+    match = _LORA_KEY.match(key)
+    if match is None:  # a fully saved module (modules_to_save): must equal the base parameter it replaces
+        name = key.removeprefix("base_model.model.")
+        return None if params.get(name) == shape else f"{name}: adapter {shape}, base {params.get(name)}"
+    module = modules.get(match["module"])
+    if isinstance(module, nn.Linear):
+        fan_in, fan_out = module.in_features, module.out_features
+    elif isinstance(module, nn.Embedding):
+        fan_in, fan_out = module.num_embeddings, module.embedding_dim
+    else:
+        return f"{match['module']}: no such linear or embedding module in the base"
+    # A is (r, fan_in) and B is (fan_out, r).
+    expected, got = (fan_in, shape[1]) if match["side"] == "A" else (fan_out, shape[0])
+    return None if len(shape) == 2 and got == expected else f"{key}: shape {shape}, base module is {fan_in} -> {fan_out}"
+
+
+def attach(model: PreTrainedModel, adapter: Adapter) -> PeftModel:
+    try:
+        return PeftModel.from_pretrained(model, str(adapter.path))
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ExportError(f"cannot load adapter {adapter.path}: {err}") from err
+
+
+def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
+    """safetensors + config + generation config + tokenizer (with its chat template): a directory any HF tool loads."""
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+
+
+def save_bnb4(hf_dir: Path, tokenizer: PreTrainedTokenizerBase, dst: Path) -> PreTrainedModel:
+    """The merged model as a bitsandbytes NF4 checkpoint (for GPUs); returns the quantized model for verification."""
+    from transformers import BitsAndBytesConfig  # imports bitsandbytes, which only this format needs
+
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=nf4, device_map={"": device})
+    except (RuntimeError, NotImplementedError, ImportError, ValueError) as err:
+        raise ExportError(f"bnb4: bitsandbytes cannot quantize on {device} here: {err}") from err
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return model

@@ -1,0 +1,281 @@
+"""The export run: adapter -> merged float32 model -> each requested format, each verified -> moved into place.
+
+Everything is built in a hidden staging directory inside the output directory and `os.replace`d into place only
+once every format is written and checked, export_report.json last; a failure before that deletes the staging
+directory, leaving no half-written file and any earlier export untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptserve.export import gguf, merge, verify
+from adaptserve.export.config import ExportConfig, ExportError
+from adaptserve.models import DEFAULT_MODEL, cache_dir, resolve
+
+log = logging.getLogger(__name__)
+
+REPORT = "export_report.json"
+# What an export reads from the adapter directory; checkpoints and reports beside them do not change it.
+_ADAPTER_INPUTS = (
+    merge.ADAPTER_CONFIG,
+    merge.ADAPTER_WEIGHTS,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class ArtifactReport:
+    format: str  # hf | gguf | bnb4
+    quant: str | None  # the GGUF type, for gguf
+    path: str
+    bytes: int
+    seconds: float  # time to produce it: merge + save, conversion, quantization
+    exact: float | None = None  # fraction of prompts whose first N greedy tokens equal the unmerged adapter's
+    mean_prefix: float | None = None  # mean tokens agreeing with the unmerged adapter before the first difference
+    prefix_lengths: list[int] = field(default_factory=list)
+    tokenizer_match: bool | None = None  # gguf: llama.cpp tokenizes every prompt to the Hugging Face ids
+
+
+@dataclass
+class ExportReport:
+    adapter: str
+    base_model: str
+    output_dir: str
+    verify_tokens: int
+    verify_prompts: int
+    adapter_changes_output: int | None  # prompts where the adapter's greedy output differs from the bare base's
+    seconds: float
+    artifacts: list[ArtifactReport]
+
+
+@dataclass(frozen=True)
+class _Reference:
+    prompts: list[verify.Prompt]
+    tokens: list[list[int]]  # the unmerged adapter's greedy output per prompt
+
+
+def export(config: ExportConfig) -> ExportReport:
+    """Merge `config.adapter` into its base and write every format of `config.formats` to `config.output_dir`."""
+    config.validate()
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    adapter = merge.read_adapter(Path(config.adapter))
+    base_ref = _base_ref(config, adapter)
+    model, base_location = merge.load_base(base_ref)
+    merge.check_fits(model, adapter, base_ref)
+    tokenizer = merge.load_tokenizer(adapter, base_location)
+    eos = verify.eos_ids(model, tokenizer)
+    adapted = merge.attach(model, adapter)
+    reference, changed = _reference(adapted, tokenizer, config, eos) if config.verify_tokens else (None, None)
+
+    name, out = config.name or _default_name(config), Path(config.output_dir).resolve()
+    artifacts: list[tuple[Path, ArtifactReport]] = []
+    with _staging(out) as stage:
+        tick = time.perf_counter()
+        merge.save_hf(adapted.merge_and_unload(), tokenizer, stage / "hf")
+        del adapted, model  # the exports are checked from disk from here on
+        log.info("merged and saved in %.1fs", time.perf_counter() - tick)
+        if "hf" in config.formats:
+            artifacts.append(_hf_artifact(stage / "hf", out, time.perf_counter() - tick, reference, config, eos))
+        if "gguf" in config.formats:
+            artifacts += _gguf_artifacts(stage, out, name, tokenizer.chat_template, reference, config, eos)
+        if "bnb4" in config.formats:
+            artifacts.append(_bnb4_artifact(stage, out, tokenizer, reference, config, eos))
+        report = ExportReport(
+            str(adapter.path.resolve()),
+            base_ref,
+            str(out),
+            config.verify_tokens,
+            len(reference.prompts) if reference else 0,
+            changed,
+            time.perf_counter() - started,
+            [a for _, a in artifacts],
+        )
+        (stage / REPORT).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n", encoding="utf-8")
+        for staged, artifact in artifacts:
+            _publish(staged, Path(artifact.path), stage)
+        _publish(stage / REPORT, out / REPORT, stage)  # last: its presence says the artifacts beside it are complete
+    log.info("exported %s to %s in %.1fs", adapter.path, out, report.seconds)
+    return report
+
+
+def _base_ref(config: ExportConfig, adapter: merge.Adapter) -> str:
+    return config.base_model or adapter.recorded_base or DEFAULT_MODEL
+
+
+def _default_name(config: ExportConfig) -> str:
+    return Path(config.adapter).resolve().name
+
+
+def _reference(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: ExportConfig, eos: set[int]
+) -> tuple[_Reference, int]:
+    """The unmerged adapter's greedy tokens (what every export must reproduce), and on how many prompts the
+    adapter changes the base's output: if on none, agreement would say nothing about the merge."""
+    conversations = [[{"role": "user", "content": p}] for p in config.verify_prompts] or verify.default_messages()
+    prompts = verify.encode(tokenizer, conversations)
+    tokens = verify.greedy_hf(model, prompts, config.verify_tokens, eos)
+    with model.disable_adapter():
+        bare = verify.greedy_hf(model, prompts, config.verify_tokens, eos)
+    changed = sum(t != b for t, b in zip(tokens, bare, strict=True))
+    if not changed:
+        log.warning("the adapter does not change the base's greedy output on any verify prompt")
+    return _Reference(prompts, tokens), changed
+
+
+def _hf_artifact(
+    staged: Path, out: Path, seconds: float, reference: _Reference | None, config: ExportConfig, eos: set[int]
+) -> tuple[Path, ArtifactReport]:
+    artifact = ArtifactReport("hf", None, str(out / staged.name), _size(staged), seconds)
+    if reference:
+        _score(artifact, reference, verify.greedy_hf(_load_hf(staged), reference.prompts, config.verify_tokens, eos))
+    return staged, artifact
+
+
+def _load_hf(path: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _gguf_artifacts(
+    stage: Path,
+    out: Path,
+    name: str,
+    chat_template: str | None,
+    reference: _Reference | None,
+    config: ExportConfig,
+    eos: set[int],
+) -> list[tuple[Path, ArtifactReport]]:
+    f16 = stage / f"{name}-f16.gguf"
+    tick = time.perf_counter()
+    gguf.convert(stage / "hf", f16, name)
+    seconds = {"f16": time.perf_counter() - tick}
+    artifacts = []
+    for quant in config.quants:
+        path = stage / f"{name}-{quant}.gguf"
+        if quant != "f16":
+            tick = time.perf_counter()
+            gguf.quantize(f16, path, quant, config.threads)
+            seconds[quant] = time.perf_counter() - tick
+        gguf.check_gguf(path, chat_template, eos)
+        artifact = ArtifactReport("gguf", quant, str(out / path.name), _size(path), seconds[quant])
+        if reference:
+            tokens, artifact.tokenizer_match = verify.greedy_gguf(
+                path, reference.prompts, config.verify_tokens, eos, config.threads
+            )
+            if not artifact.tokenizer_match:
+                log.warning("%s: llama.cpp tokenizes the verify prompts differently from the trained tokenizer", path.name)
+            _score(artifact, reference, tokens)
+        log.info("gguf %s: %.1f MB in %.1fs", quant, artifact.bytes / 1e6, artifact.seconds)
+        artifacts.append((path, artifact))
+    return artifacts
+
+
+def _bnb4_artifact(
+    stage: Path, out: Path, tokenizer: PreTrainedTokenizerBase, reference: _Reference | None, config: ExportConfig, eos: set[int]
+) -> tuple[Path, ArtifactReport]:
+    tick = time.perf_counter()
+    model = merge.save_bnb4(stage / "hf", tokenizer, stage / "bnb4")
+    artifact = ArtifactReport("bnb4", None, str(out / "bnb4"), _size(stage / "bnb4"), time.perf_counter() - tick)
+    if reference:
+        _score(artifact, reference, verify.greedy_hf(model, reference.prompts, config.verify_tokens, eos))
+    return stage / "bnb4", artifact
+
+
+def _score(artifact: ArtifactReport, reference: _Reference, tokens: list[list[int]]) -> None:
+    agreement = verify.agreement(reference.tokens, tokens)
+    artifact.exact, artifact.mean_prefix = agreement.exact, agreement.mean_prefix
+    artifact.prefix_lengths = agreement.prefix_lengths
+    log.info(
+        "%s%s agrees with the adapter on %.0f%% of prompts, %.1f tokens on average",
+        artifact.format,
+        f" {artifact.quant}" if artifact.quant else "",
+        100 * agreement.exact,
+        agreement.mean_prefix,
+    )
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden temp directory inside `out` (same filesystem, so os.replace is a rename), always removed."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with suppress(OSError):  # only if still empty
+                out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(staged: Path, final: Path, stage: Path) -> None:
+    """Move a staged artifact into place. rename cannot replace a non-empty directory, so an older one is
+    first moved into the staging directory, which is deleted afterwards."""
+    if final.is_dir():
+        os.replace(final, stage / f".old-{final.name}")
+    os.replace(staged, final)
+
+
+def ensure_gguf(adapter_dir: str | Path, quant: str = "q4_k_m", threads: int | None = None) -> Path:
+    """A merged GGUF of the adapter, exported into the cache on first use and reused while the adapter files,
+    the base and the quant are unchanged (they name the cache entry)."""
+    config = ExportConfig(adapter=str(adapter_dir), formats=["gguf"], quants=[quant], threads=threads)
+    config.validate()
+    adapter = merge.read_adapter(Path(config.adapter))
+    base_ref, name = _base_ref(config, adapter), _default_name(config)
+    out = cache_dir() / "exports" / f"{name}-{_fingerprint(adapter, base_ref, quant)}"
+    path = out / f"{name}-{quant}.gguf"
+    if path.is_file() and (out / REPORT).is_file():  # the report is published last, so the export is whole
+        log.info("using cached export %s", path)
+        return path
+    export(dataclasses.replace(config, base_model=base_ref, output_dir=str(out)))
+    return path
+
+
+def _fingerprint(adapter: merge.Adapter, base_ref: str, quant: str) -> str:
+    digest = hashlib.sha256(f"{quant}\n{_base_identity(base_ref)}\n".encode())
+    for file in sorted(adapter.path / f for f in _ADAPTER_INPUTS if (adapter.path / f).is_file()):
+        digest.update(f"{file.name}\n".encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _base_identity(ref: str) -> str:
+    """The base's files by path, size and mtime: hashing a multi-GB base on every server start would cost more
+    than the export it guards, and a changed file gets a new mtime."""
+    try:
+        spec = resolve(ref)
+    except ValueError as err:
+        raise ExportError(f"cannot resolve base model {ref!r}: {err}") from err
+    if spec.format == "hub":
+        return spec.location
+    files = [spec.path] if spec.path.is_file() else sorted(p for p in spec.path.iterdir() if p.is_file())
+    return "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)

