@@ -224,7 +224,7 @@ def test_bad_config_fails_before_any_work(adapter: Path, tmp_path: Path, field: 
 
 
 def test_cli_reports_bad_quant_and_lists_flags(adapter: Path) -> None:
-    run = [sys.executable, "-m", "adaptserve.export"]
+    run = [sys.executable, "-m", "adaptserve", "export"]
     help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "--adapter" in help_text and "--quants" in help_text and "--verify-tokens" in help_text
     bad = subprocess.run([*run, "--adapter", str(adapter), "--quants", "q3"], capture_output=True, text=True, timeout=60)

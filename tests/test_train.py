@@ -81,7 +81,7 @@ def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path: Path, chats:
     )
     out = tmp_path / "killed"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "data"]
-    cmd = [sys.executable, "-m", "adaptserve.train", "--data", str(chats), *flags, "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "adaptserve", "train", "--data", str(chats), *flags, "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while latest(out / "checkpoints") is None:

@@ -1,4 +1,4 @@
-"""ExportConfig: what to export and how to check it; each field is also a flag of `python -m adaptserve.export`."""
+"""ExportConfig: what to export and how to check it; each field is also a flag of `adaptserve export`."""
 
 from __future__ import annotations
 
