@@ -34,7 +34,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 180) -> None:
+    def _wait_ready(self, timeout: float = 600) -> None:  # the first start exports the shipped adapter (~1 min)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -60,9 +60,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """SmolLM2 (chat template) and Gemma 3 270M base (none), both from their PyPI packages."""
+    """SmolLM2 (chat template), its shipped FinQA adapter, and Gemma 3 270M base (no template)."""
     srv = Server(
-        ["--models", "smollm2-135m", "gemma3-270m", "--max-tokens-cap", "512", "--n-ctx", "2048"],
+        ["--models", "smollm2-135m", "smollm2-135m-finqa", "gemma3-270m", "--max-tokens-cap", "512", "--n-ctx", "2048"],
         tmp_path_factory.mktemp("server"),
     )
     yield srv

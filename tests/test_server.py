@@ -15,6 +15,7 @@ from tests.conftest import Server
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Name three colors."}]
+SERVED = ["smollm2-135m", "smollm2-135m-finqa", "gemma3-270m"]
 
 
 def sse_events(text: str) -> list[str]:
@@ -22,9 +23,8 @@ def sse_events(text: str) -> list[str]:
 
 
 def test_health_and_models(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok", "models": ["smollm2-135m", "gemma3-270m"]}
-    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert ids == ["smollm2-135m", "gemma3-270m"]
+    assert client.get("/health").json() == {"status": "ok", "models": SERVED}
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == SERVED
 
 
 def test_completion_usage_and_length(client: httpx.Client) -> None:
@@ -60,7 +60,7 @@ def test_chat_stream_is_openai_sse(client: httpx.Client) -> None:
 
 def test_openai_client_unchanged(server: Server) -> None:
     oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    assert {m.id for m in oa.models.list()} == {"smollm2-135m", "gemma3-270m"}
+    assert [m.id for m in oa.models.list()] == SERVED
     reply = oa.chat.completions.create(model="smollm2-135m", messages=HELLO, max_tokens=16, temperature=0)
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     pieces = [
@@ -122,6 +122,20 @@ def test_finqa_endpoint_executes_the_program(client: httpx.Client) -> None:
         assert body["answer"] == finqa.execute_program(body["program"], record.table)
     else:
         assert body["answer"] is None and body["error"]
+
+
+def test_adapter_writes_programs_the_base_does_not(client: httpx.Client) -> None:
+    """The shipped adapter, merged and quantized on first start, answers in the FinQA DSL; the untuned base rarely does."""
+    records = finqa.load_finqa(split="test")[:6]
+
+    def executed(model: str) -> int:
+        fields = ("question", "pre_text", "table", "post_text")
+        bodies = [client.post("/v1/finqa", json={"model": model, **{f: getattr(r, f) for f in fields}}).json() for r in records]
+        assert all(b["model"] == model for b in bodies)
+        return sum(b["answer"] is not None for b in bodies)
+
+    adapted, base = executed("smollm2-135m-finqa"), executed("smollm2-135m")
+    assert adapted >= 5 and adapted > base, (adapted, base)
 
 
 def test_metrics_count_requests_and_tokens(client: httpx.Client) -> None:
