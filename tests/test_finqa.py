@@ -18,9 +18,9 @@ from adaptserve.finqa import (
     Ref,
     Step,
     answers_match,
-    build_completion_prompt,
     build_context,
     build_prompt,
+    completion_text,
     data_hash,
     execute_program,
     extract_program,
@@ -510,11 +510,11 @@ def test_build_prompt_messages() -> None:
         build_prompt()
 
 
-def test_build_completion_prompt() -> None:
-    prompt = build_completion_prompt(RECORD)
+def test_completion_text() -> None:
+    prompt = completion_text(build_prompt(RECORD))
     assert prompt.endswith(f"Question: {RECORD.question}\nProgram:")
     assert "2015 net revenue | $ 5829" in prompt
     for r in load_finqa(None, "fewshot"):
         assert f"Question: {r.question}\nProgram: {r.program}\n\n" in prompt
-    bare = build_completion_prompt(question="what is 1 + 1?", fewshot=[])
+    bare = completion_text(build_prompt(question="what is 1 + 1?", fewshot=[]))
     assert bare.endswith("\n\nQuestion: what is 1 + 1?\nProgram:")

@@ -58,23 +58,11 @@ def build_prompt(
     return messages
 
 
-def build_completion_prompt(
-    record: FinQARecord | None = None,
-    *,
-    question: str | None = None,
-    pre_text: Sequence[str] = (),
-    table: Sequence[Sequence[str]] = (),
-    post_text: Sequence[str] = (),
-    fewshot: Sequence[FinQARecord] | None = None,
-    max_sentences: int | None = None,
-) -> str:
-    """The same prompt as plain text ending in "Program:", for models without a chat template."""
-    parts = [SYSTEM]
-    for shot in _fewshot(fewshot):
-        parts.append(f"{_question_turn(shot.question, build_context(shot, max_sentences))}\nProgram: {shot.program}")
-    target = _target(record, question, pre_text, table, post_text, max_sentences)
-    parts.append(f"{_question_turn(*target)}\nProgram:")
-    return "\n\n".join(parts)
+def completion_text(messages: Sequence[dict[str, str]]) -> str:
+    """`build_prompt`'s messages as plain text ending in "Program:", for models without a chat template."""
+    system, *turns, target = messages
+    shots = [f"{user['content']}\nProgram: {answer['content']}" for user, answer in zip(turns[::2], turns[1::2], strict=True)]
+    return "\n\n".join([system["content"], *shots, f"{target['content']}\nProgram:"])
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,8 +139,8 @@ def task_prompt(
 ) -> list[dict[str, str]] | str:
     """The prompt a model of this style gets: chat messages, or plain text for a model without a chat template."""
     pre, post = retrieve_sentences(question, pre_text, post_text, style.sentences)
-    build = build_prompt if chat else build_completion_prompt
-    return build(question=question, table=table, pre_text=pre, post_text=post, fewshot=shortest_fewshot(style.shots))
+    messages = build_prompt(question=question, table=table, pre_text=pre, post_text=post, fewshot=shortest_fewshot(style.shots))
+    return messages if chat else completion_text(messages)
 
 
 def record_prompt(record: FinQARecord, style: PromptStyle, chat: bool) -> list[dict[str, str]] | str:
