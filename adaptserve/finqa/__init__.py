@@ -6,6 +6,7 @@ from adaptserve.finqa.program import ProgramError, Ref, Step, execute_program, e
 from adaptserve.finqa.prompts import (
     BASE_STYLE,
     PromptStyle,
+    adapter_style,
     build_context,
     build_prompt,
     completion_text,
@@ -23,6 +24,7 @@ __all__ = [
     "Ref",
     "Scored",
     "Step",
+    "adapter_style",
     "answers_match",
     "build_context",
     "build_prompt",

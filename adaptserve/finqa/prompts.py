@@ -7,8 +7,10 @@ Few-shot exemplars come from the shipped `sample/fewshot.json` (FinQA train reco
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from adaptserve.finqa.data import FinQARecord, load_finqa
 from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
@@ -120,6 +122,13 @@ class PromptStyle:
 
 
 BASE_STYLE = PromptStyle(shots=2, sentences=3)
+
+
+def adapter_style(adapter_dir: Path) -> PromptStyle:
+    """An adapter answers FinQA the way it was trained: zero-shot, with the retrieval depth of its training run."""
+    report = adapter_dir / "train_report.json"
+    k = json.loads(report.read_text())["config"]["retrieval_k"] if report.is_file() else BASE_STYLE.sentences
+    return PromptStyle(shots=0, sentences=k)
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,13 +72,6 @@ class ServeConfig:
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
 
 
-def adapter_style(adapter_dir: Path) -> finqa.PromptStyle:
-    """An adapter answers FinQA the way it was trained: zero-shot, with the retrieval depth of its training run."""
-    report = adapter_dir / "train_report.json"
-    k = json.loads(report.read_text())["config"]["retrieval_k"] if report.is_file() else finqa.BASE_STYLE.sentences
-    return finqa.PromptStyle(shots=0, sentences=k)
-
-
 class APIError(Exception):
     """An error that becomes an OpenAI-style JSON body."""
 
@@ -129,7 +121,7 @@ class ModelPool:
             return spec
         from adaptserve.export import ensure_gguf
 
-        self.finqa_styles[spec.name] = adapter_style(spec.path)
+        self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
         return dataclasses.replace(
             spec, format="gguf", location=str(ensure_gguf(spec.path, self.config.adapter_quant, self.config.n_threads))
         )
