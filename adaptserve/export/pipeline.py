@@ -46,7 +46,7 @@ _ADAPTER_INPUTS = (
 
 @dataclass
 class ArtifactReport:
-    format: str  # hf | gguf | bnb4
+    format: str  # hf | gguf | bnb4 | lora-gguf
     quant: str | None  # the GGUF type, for gguf
     path: str
     bytes: int
@@ -103,6 +103,8 @@ def export(config: ExportConfig) -> ExportReport:
             artifacts += _gguf_artifacts(stage, out, name, tokenizer.chat_template, reference, config, eos)
         if "bnb4" in config.formats:
             artifacts.append(_bnb4_artifact(stage, out, tokenizer, reference, config, eos))
+        if "lora-gguf" in config.formats:
+            artifacts.append(_lora_gguf_artifact(adapter.path, base_ref, stage, out, name, reference, config, eos))
         report = ExportReport(
             str(adapter.path.resolve()),
             base_ref,
@@ -203,6 +205,32 @@ def _bnb4_artifact(
     if reference:
         _score(artifact, reference, verify.greedy_hf(model, reference.prompts, config.verify_tokens, eos))
     return stage / "bnb4", artifact
+
+
+def _lora_gguf_artifact(
+    adapter: Path,
+    base_ref: str,
+    stage: Path,
+    out: Path,
+    name: str,
+    reference: _Reference | None,
+    config: ExportConfig,
+    eos: set[int],
+) -> tuple[Path, ArtifactReport]:
+    """The adapter alone; verified by llama.cpp applying it to the base's GGUF, where the base is one."""
+    path = stage / f"{name}-lora.gguf"
+    tick = time.perf_counter()
+    gguf.convert_lora(adapter, stage / "hf", path)  # the merged directory has the base's config and tensor names
+    artifact = ArtifactReport("lora-gguf", None, str(out / path.name), _size(path), time.perf_counter() - tick)
+    spec = resolve(base_ref)
+    if reference and spec.format == "gguf":
+        tokens, artifact.tokenizer_match = verify.greedy_gguf(
+            spec.path, reference.prompts, config.verify_tokens, eos, config.threads, lora=path
+        )
+        _score(artifact, reference, tokens)
+    elif reference:
+        log.info("lora-gguf: the base %s is not a GGUF; llama.cpp needs one to apply the adapter to, not verified", base_ref)
+    return path, artifact
 
 
 def _score(artifact: ArtifactReport, reference: _Reference, tokens: list[list[int]]) -> None:

@@ -77,11 +77,19 @@ def greedy_hf(model: PreTrainedModel, prompts: Sequence[Prompt], n: int, eos: se
 
 
 def greedy_gguf(
-    path: Path, prompts: Sequence[Prompt], n: int, eos: set[int], threads: int | None
+    path: Path, prompts: Sequence[Prompt], n: int, eos: set[int], threads: int | None, lora: Path | None = None
 ) -> tuple[list[list[int]], bool]:
-    """Greedy tokens from llama.cpp, and whether it tokenizes every prompt's text to the same ids."""
+    """Greedy tokens from llama.cpp (with `lora` applied to the model, if given), and whether it tokenizes every
+    prompt's text to the same ids."""
     n_ctx = max(len(p.ids) for p in prompts) + n + 8
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=str(lora) if lora else None,
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     try:
         same_ids = all(llm.tokenize(p.text.encode("utf-8"), add_bos=p.add_bos, special=True) == p.ids for p in prompts)
         outputs = []

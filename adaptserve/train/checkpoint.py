@@ -33,6 +33,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    memory: list[int] = field(default_factory=list)  # bytes in use after each step (see loop.memory_in_use)
 
 
 def latest(root: Path) -> Path | None:

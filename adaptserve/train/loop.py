@@ -104,11 +104,18 @@ def train(config: TrainConfig) -> TrainReport:
         progress.losses.append(loss)
         progress.tokens += tokens
         progress.seconds += seconds
+        progress.memory.append(memory_in_use(device))
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
         tracker.log(
             progress.step,
-            {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_second": tokens / seconds},
+            {
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_second": tokens / seconds,
+                "memory_bytes": progress.memory[-1],
+            },
         )
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == steps):
             checkpoint.save(ckpt_root, model, optimizer, scheduler, progress, data_hash, plan)
@@ -136,6 +143,7 @@ def train(config: TrainConfig) -> TrainReport:
         peak_memory_kind=peak_kind,
         final_loss=progress.losses[-1],
         loss_history=progress.losses,
+        memory_history=progress.memory,
         config=dataclasses.asdict(config),
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     )
@@ -162,6 +170,14 @@ def _step(
         loss.backward()
         total += loss.item()
     return total, torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: CUDA's allocated memory on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:  # fields in pages: size, resident, ...
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

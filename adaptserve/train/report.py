@@ -33,24 +33,29 @@ class TrainReport:
     peak_memory_kind: str  # "cuda_max_allocated" or "process_max_rss"
     final_loss: float
     loss_history: list[float]  # mean answer-token loss of each optimizer step
+    memory_history: list[int]  # bytes in use after each step, of the kind of peak_memory_kind
     config: dict[str, Any]
     versions: dict[str, str]
 
     def write(self, out: Path) -> None:
         (out / "train_report.json").write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        plot_losses(self.loss_history, out / "loss.png")
+        plot_run(self.loss_history, self.memory_history, out / "loss.png")
 
 
-def plot_losses(losses: list[float], path: Path) -> None:
+def plot_run(losses: list[float], memory: list[int], path: Path) -> None:
+    """The loss curve, and below it the memory in use: a run that leaks or fragments shows a rising line."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
-    ax.set(xlabel="step", ylabel="answer-token loss", title="training loss")
-    ax.grid(alpha=0.3)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
+    top.plot(range(1, len(losses) + 1), losses, linewidth=1)
+    top.set(ylabel="answer-token loss", title="training loss")
+    bottom.plot(range(1, len(memory) + 1), [m / 2**30 for m in memory], linewidth=1, color="tab:orange")
+    bottom.set(xlabel="step", ylabel="memory in use (GiB)", ylim=(0, None))
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
