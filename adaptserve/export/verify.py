@@ -12,6 +12,7 @@ from pathlib import Path
 
 import llama_cpp
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptserve import finqa
@@ -59,9 +60,12 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
 
 
 @torch.inference_mode()
-def greedy_hf(model: PreTrainedModel, prompts: Sequence[Prompt], n: int, eos: set[int]) -> list[list[int]]:
+def greedy_hf(
+    model: PreTrainedModel, prompts: Sequence[Prompt], n: int, eos: set[int], progress: str | None = None
+) -> list[list[int]]:
+    """Greedy tokens of each prompt, up to `n` or EOS; a progress bar titled `progress`, if given."""
     outputs = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc=progress, disable=progress is None):
         ids = torch.tensor([prompt.ids], device=model.device)
         out = model.generate(
             ids,
@@ -77,10 +81,16 @@ def greedy_hf(model: PreTrainedModel, prompts: Sequence[Prompt], n: int, eos: se
 
 
 def greedy_gguf(
-    path: Path, prompts: Sequence[Prompt], n: int, eos: set[int], threads: int | None, lora: Path | None = None
+    path: Path,
+    prompts: Sequence[Prompt],
+    n: int,
+    eos: set[int],
+    threads: int | None,
+    lora: Path | None = None,
+    progress: str | None = None,
 ) -> tuple[list[list[int]], bool]:
     """Greedy tokens from llama.cpp (with `lora` applied to the model, if given), and whether it tokenizes every
-    prompt's text to the same ids."""
+    prompt's text to the same ids; a progress bar titled `progress`, if given."""
     n_ctx = max(len(p.ids) for p in prompts) + n + 8
     llm = llama_cpp.Llama(
         model_path=str(path),
@@ -93,7 +103,7 @@ def greedy_gguf(
     try:
         same_ids = all(llm.tokenize(p.text.encode("utf-8"), add_bos=p.add_bos, special=True) == p.ids for p in prompts)
         outputs = []
-        for prompt in prompts:
+        for prompt in tqdm(prompts, desc=progress, disable=progress is None):
             # The sampler settings LlamaCppEngine uses at temperature 0: greedy, no penalties.
             tokens = llm.generate(prompt.ids, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
             out: list[int] = []

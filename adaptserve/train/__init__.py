@@ -7,12 +7,19 @@ The loop itself (torch, transformers, peft) is imported on first use, so that th
 TrainConfig without paying for those imports.
 """
 
+import os
+
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.report import TrainReport
 
 
 def train(config: TrainConfig) -> TrainReport:
     """Run `config`; see adaptserve.train.loop.train."""
+    if config.low_memory:
+        # Transparent huge pages for torch's large CPU tensors: 512x fewer page faults when freed activations are
+        # unmapped and mapped again (loop.release_freed_memory). torch reads this once, at its first allocation,
+        # so it only takes effect where torch was not imported yet (the CLI); elsewhere low_memory just runs slower.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from adaptserve.train.loop import train as run
 
     return run(config)

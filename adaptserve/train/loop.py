@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -63,6 +64,8 @@ def train(config: TrainConfig) -> TrainReport:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.low_memory and device.type == "cpu":
+        release_freed_memory()
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     if checkpoint.latest(ckpt_root) is not None and not config.resume:
@@ -170,6 +173,24 @@ def _step(
         loss.backward()
         total += loss.item()
     return total, torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
+
+
+def release_freed_memory() -> None:
+    """Have glibc give every freed block over 1 MB back to the OS at once.
+
+    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), so activation
+    tensors land in the heap, and a heap fragmented by tensors of a dozen sizes never shrinks: RSS settles
+    gigabytes above what is live. A fixed threshold keeps it at what is live, at the price of a page fault per
+    page of every new activation tensor.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        log.warning("low_memory: no glibc here, the allocator is left as it is")
+        return
+    m_mmap_threshold = -3  # from malloc.h
+    if not libc.mallopt(m_mmap_threshold, 1 << 20):
+        log.warning("low_memory: glibc refused the mmap threshold")
 
 
 def memory_in_use(device: torch.device) -> int:

@@ -92,7 +92,7 @@ def load_model(config: TrainConfig, device: torch.device, bf16: bool) -> Model:
     else:
         dtype = torch.float32 if config.method == "full" else frozen_dtype
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing or config.low_memory:
         # Non-reentrant checkpointing also works when the layer inputs need no grad (frozen embeddings under LoRA).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.method == "full":
