@@ -165,3 +165,16 @@ def test_retrieval_keeps_the_table_and_the_matching_sentences_in_order() -> None
     kept = reduced.pre_text + reduced.post_text
     original = [s for s in record.pre_text + record.post_text if s in kept]
     assert kept == original
+
+
+def test_low_memory_run_learns_exactly_what_a_plain_run_learns(tmp_path: Path, chats: Path) -> None:
+    """Checkpointing recomputes the same activations and the allocator setting moves no numbers: same losses.
+    In a subprocess, because the allocator setting lasts for the life of the process."""
+    flags = dict(data=[str(chats)], rank=4, alpha=8.0, batch_size=3, grad_accum=1, max_steps=2, save_every=0, threads=1)
+    plain = train(TrainConfig(**flags, output_dir=str(tmp_path / "plain")))  # type: ignore[arg-type]
+    cmd = [sys.executable, "-m", "adaptserve", "train", "--data", str(chats), "--rank", "4", "--alpha", "8", "--batch-size", "3"]
+    cmd += ["--grad-accum", "1", "--max-steps", "2", "--save-every", "0", "--threads", "1", "--low-memory"]
+    subprocess.run([*cmd, "--output-dir", str(tmp_path / "low")], check=True, capture_output=True, timeout=300)
+    low = json.loads((tmp_path / "low" / "train_report.json").read_text())
+    assert low["config"]["low_memory"] and len(low["memory_history"]) == 2 and all(m > 0 for m in low["memory_history"])
+    assert low["loss_history"] == pytest.approx(plain.loss_history, rel=1e-4)
