@@ -12,6 +12,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from adaptserve.models import BUILTINS, UnknownModelError
@@ -69,12 +70,21 @@ def _export(args: argparse.Namespace) -> None:
     log.info("exports written to %s", report.output_dir)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from adaptserve.bench import BenchConfig, bench
+
+    config = config_from_args(BenchConfig, args)
+    bench(config)
+    log.info("report in %s", Path(config.out) / "report.md")
+
+
 def _models(_: argparse.Namespace) -> None:
     for name, builtin in BUILTINS.items():
         sys.stdout.write(f"{name:16} {builtin.description}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adaptserve.bench.config import BenchConfig
     from adaptserve.export.config import ExportConfig
     from adaptserve.serve import ServeConfig
     from adaptserve.train.config import TrainConfig
@@ -86,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a LoRA/QLoRA adapter (or fully fine-tune) on FinQA or instruction data", TrainConfig, _train),
         ("export", "merge an adapter into its base and write HF, GGUF (f16/q8_0/q4_k_m) or 4-bit exports", ExportConfig, _export),
         ("serve", "serve models over an OpenAI-compatible HTTP API with a chat UI at /ui", ServeConfig, _serve),
+        ("bench", "base vs adapted: FinQA accuracy, evaluation prompts, latency and throughput over HTTP", BenchConfig, _bench),
         ("models", "list the built-in models", None, _models),
     ]
     for name, help_text, config_cls, run in commands:

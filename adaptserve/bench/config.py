@@ -1,0 +1,48 @@
+"""BenchConfig: what `adaptserve bench` measures and where it writes; each field is also a flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adaptserve.models import default_models
+
+
+class BenchError(ValueError):
+    """A bench run that cannot start: bad config, unreadable inputs, a server that does not answer."""
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(
+        default_factory=default_models, metadata={"help": "variants to compare: served model ids (base and adapted)"}
+    )
+    finqa: str = field(default="sample@test", metadata={"help": "FinQA file for accuracy, or sample@SPLIT (the shipped sample)"})
+    limit: int | None = field(default=None, metadata={"help": "first N FinQA records (default: all)"})
+    prompts: str = field(
+        default="builtin",
+        metadata={"help": "evaluation prompt JSONL (id, prompt, optional expect_any); builtin: the shipped set"},
+    )
+    url: str | None = field(
+        default=None, metadata={"help": "an OpenAI-compatible server to load-test; unset: start our own on loopback"}
+    )
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "client counts to load-test at"})
+    requests: int = field(default=16, metadata={"help": "requests per concurrency level (at least the concurrency)"})
+    max_tokens: int = field(default=64, metadata={"help": "output tokens per load-test and prompt-set request"})
+    threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
+    accuracy: bool = field(default=True, metadata={"help": "measure FinQA accuracy (in process, as the server prompts)"})
+    out: str = field(default="runs/bench", metadata={"help": "where results.json, report.md and the plots go"})
+
+    def validate(self) -> None:
+        errors = []
+        if not self.models:
+            errors.append("models must name at least one model")
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            errors.append(f"concurrency levels must be positive, got {self.concurrency}")
+        if self.requests < 1 or self.max_tokens < 1:
+            errors.append("requests and max_tokens must be positive")
+        if self.limit is not None and self.limit < 1:
+            errors.append(f"limit must be positive, got {self.limit}")
+        if self.threads is not None and self.threads < 1:
+            errors.append(f"threads must be positive, got {self.threads}")
+        if errors:
+            raise BenchError("; ".join(errors))

@@ -1,0 +1,184 @@
+"""Latency and throughput against any OpenAI-compatible server: streamed chat requests at a given concurrency.
+
+Each request streams (SSE) so that time to first token is seen as a client sees it. Output tokens are the content
+chunks received (one token per chunk on llama.cpp-based servers); where the server sends usage
+(`stream_options.include_usage`), its count is kept too, so the two can be checked against each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    status: int
+    error: str | None
+    ttft: float | None  # seconds from sending to the first content chunk
+    e2e: float  # seconds from sending to the end of the stream
+    tokens: int  # content chunks received
+    usage_tokens: int | None  # completion_tokens the server reported, if it did
+
+
+@dataclass
+class LevelResult:
+    model: str
+    concurrency: int
+    requests: int
+    errors: int
+    wall_seconds: float
+    output_tokens: int
+    usage_tokens: int | None
+    tokens_per_second: float  # aggregate output tokens over the level's wall time
+    requests_per_second: float
+    ttft: dict[str, float] = field(default_factory=dict)  # p50/p95/p99 seconds
+    tpot: dict[str, float] = field(default_factory=dict)  # time per output token after the first
+    e2e: dict[str, float] = field(default_factory=dict)
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p95, p99 = np.percentile(np.asarray(values, dtype=float), [50, 95, 99])
+    return {
+        "p50": round(float(p50), 4),
+        "p95": round(float(p95), 4),
+        "p99": round(float(p99), 4),
+        "mean": round(float(np.mean(values)), 4),
+    }
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, model: str, messages: list[Message], max_tokens: int) -> RequestResult:
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    ttft, tokens, usage = None, 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                return RequestResult(response.status_code, text, None, time.perf_counter() - start, 0, None)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        tokens += 1
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        return RequestResult(0, f"{type(err).__name__}: {err}", ttft, time.perf_counter() - start, tokens, usage)
+    return RequestResult(200, None, ttft, time.perf_counter() - start, tokens, usage)
+
+
+async def run_level(
+    url: str, model: str, conversations: Sequence[list[Message]], concurrency: int, requests: int, max_tokens: int
+) -> tuple[LevelResult, list[RequestResult]]:
+    """`requests` streamed requests, `concurrency` in flight at a time, prompts taken round-robin."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    results: list[RequestResult] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            results.append(await stream_chat(client, url, model, conversations[i % len(conversations)], max_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    reported = [r.usage_tokens for r in ok]
+    level = LevelResult(
+        model=model,
+        concurrency=concurrency,
+        requests=len(results),
+        errors=len(results) - len(ok),
+        wall_seconds=round(wall, 3),
+        output_tokens=tokens,
+        usage_tokens=sum(reported) if reported and all(u is not None for u in reported) else None,  # type: ignore[misc]
+        tokens_per_second=round(tokens / wall, 2),
+        requests_per_second=round(len(ok) / wall, 3),
+        ttft=percentiles([r.ttft for r in ok if r.ttft is not None]),
+        tpot=percentiles([(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.ttft is not None and r.tokens > 1]),
+        e2e=percentiles([r.e2e for r in ok]),
+    )
+    return level, results
+
+
+@dataclass
+class Server:
+    """An `adaptserve serve` this run started itself; cold start is process start to first answered request."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    cold_start_seconds: float
+
+    def peak_rss_bytes(self) -> int | None:
+        status = Path(f"/proc/{self.process.pid}/status")
+        for line in status.read_text().splitlines() if status.is_file() else []:
+            if line.startswith("VmHWM:"):  # the kernel's high-water mark of the resident set, in kB
+                return int(line.split()[1]) * 1024
+        return None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_server(models: Sequence[str], threads: int | None, log_path: Path, timeout: float = 600.0) -> Server:
+    """Our own server on a free loopback port, without the UI; waits until it answers a one-token request."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "adaptserve", "serve", "--models", *models, "--port", str(port), "--no-ui"]
+    if threads:
+        cmd += ["--n-threads", str(threads)]
+    start = time.perf_counter()
+    with log_path.open("wb") as server_log:
+        process = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": models[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200:
+                return Server(process, url, time.perf_counter() - start)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"the server did not answer within {timeout:.0f}s; see {log_path}")

@@ -1,0 +1,102 @@
+"""report.md and the plots of a bench run, from its results dict (the same data as results.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    (out / "report.md").write_text(markdown(results), encoding="utf-8")
+    plots(results, out)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        "# adaptserve bench",
+        "",
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_bytes'] / 2**30:.0f} GiB, GPU: {machine['gpu'] or 'none'}; "
+        f"commit {str(machine['git_commit'])[:10]}.",
+    ]
+    if results["accuracy"]:
+        lines += [
+            "",
+            "## FinQA execution accuracy",
+            "",
+            "| model | data | n | accuracy (95% CI) | program exact | executable | prompt tokens |",
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for a in results["accuracy"]:
+            low, high = a["ci95"]
+            lines.append(
+                f"| {a['model']} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
+                f"| {100 * a['program_exact_match']:.1f}% | {100 * a['executable_programs']:.0f}% | {a['mean_prompt_tokens']:.0f} |"
+            )
+    lines += [
+        "",
+        "## Evaluation prompts",
+        "",
+        "| model | prompts | expected answer found | mean output tokens |",
+        "|---|---|---|---|",
+    ]
+    for p in results["prompts"]:
+        lines.append(
+            f"| {p['model']} | {p['prompts']} | {p['expected_found']}/{p['expected_checked']} | {p['mean_completion_tokens']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Latency and throughput (streamed chat over HTTP)",
+        "",
+        "| model | clients | requests | errors | output tokens/s | requests/s | TTFT p50/p95 (s) | per-token p50 (ms) | end-to-end p50/p95 (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["load"]:
+        ttft, tpot, e2e = row["ttft"], row["tpot"], row["e2e"]
+        lines.append(
+            f"| {row['model']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['tokens_per_second']:.1f} "
+            f"| {row['requests_per_second']:.2f} | {ttft.get('p50', 0):.3f} / {ttft.get('p95', 0):.3f} "
+            f"| {1000 * tpot.get('p50', 0):.1f} | {e2e.get('p50', 0):.2f} / {e2e.get('p95', 0):.2f} |"
+        )
+    if server := results.get("server"):
+        rss = server["peak_rss_bytes"]
+        lines += ["", f"Server: cold start {server['cold_start_seconds']:.1f} s, peak RSS {rss / 2**20:.0f} MiB." if rss else ""]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if results["accuracy"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        rows = results["accuracy"]
+        values = [100 * a["execution_accuracy"] for a in rows]
+        errors = [
+            [100 * (a["execution_accuracy"] - a["ci95"][0]) for a in rows],
+            [100 * (a["ci95"][1] - a["execution_accuracy"]) for a in rows],
+        ]
+        ax.bar([a["model"] for a in rows], values, yerr=errors, capsize=6, color="tab:blue")
+        ax.set(ylabel="execution accuracy (%)", title="FinQA execution accuracy (95% CI)")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for model in dict.fromkeys(row["model"] for row in results["load"]):
+        rows = [r for r in results["load"] if r["model"] == model]
+        levels = [r["concurrency"] for r in rows]
+        (line,) = left.plot(levels, [r["tokens_per_second"] for r in rows], marker="o", label=model)
+        color = line.get_color()
+        right.plot(levels, [r["ttft"].get("p50", 0) for r in rows], marker="o", color=color, label=f"{model} p50")
+        right.plot(levels, [r["ttft"].get("p95", 0) for r in rows], marker="x", linestyle="--", color=color, label=f"{model} p95")
+    left.set(xlabel="concurrent clients", ylabel="output tokens/s (all clients)", title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="seconds", title="time to first token")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,155 @@
+"""One bench run: FinQA accuracy per variant (in process), the prompt set and the load levels over HTTP, then the
+results, report and plots. The HTTP side talks to `config.url` or to a server this run starts and stops itself."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from adaptserve import finqa
+from adaptserve.bench import report
+from adaptserve.bench.accuracy import evaluate_finqa
+from adaptserve.bench.config import BenchConfig, BenchError
+from adaptserve.bench.load import Server, run_level, start_server
+from adaptserve.bench.prompts import answer_all, load_prompts
+
+log = logging.getLogger(__name__)
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """Run every measurement of `config`; writes results.json, report.md, PNGs and per-example JSONL to config.out."""
+    config.validate()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would drown the progress
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(config.prompts)
+    results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config), "started": time.time()}
+    results["accuracy"] = _accuracy(config, out) if config.accuracy else []
+
+    server: Server | None = None if config.url else start_server(config.models, config.threads, out / "server.log")
+    url = config.url or server.url  # type: ignore[union-attr]
+    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    results["prompts"], results["load"] = [], []
+    try:
+        for model in config.models:
+            answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
+            _write_jsonl(out / f"prompts-{model}.jsonl", answers)
+            results["prompts"].append(_prompt_summary(model, answers))
+            for level in config.concurrency:
+                requests = max(config.requests, level)
+                result, _ = asyncio.run(run_level(url, model, conversations, level, requests, config.max_tokens))
+                log.info(
+                    "%s x%d: %.1f tokens/s, p95 TTFT %.3fs", model, level, result.tokens_per_second, result.ttft.get("p95", 0)
+                )
+                results["load"].append(dataclasses.asdict(result))
+    finally:
+        if server is not None:
+            results["server"] = {
+                "url": url,
+                "cold_start_seconds": round(server.cold_start_seconds, 2),
+                "peak_rss_bytes": server.peak_rss_bytes(),
+            }
+            server.stop()
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report.write(results, out)
+    log.info("bench results in %s", out)
+    return results
+
+
+def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
+    from adaptserve.models import resolve
+    from adaptserve.serve.app import ModelPool, ServeConfig
+    from adaptserve.serve.metrics import Metrics
+
+    source, _, split = config.finqa.partition("@")
+    try:
+        records = finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
+    except finqa.FinQADataError as err:
+        raise BenchError(f"finqa {config.finqa}: {err}") from err
+    pool = ModelPool(
+        [resolve(m) for m in config.models], ServeConfig(models=config.models, n_threads=config.threads, ui=False), Metrics()
+    )
+    pool.load()
+    rows = []
+    try:
+        for name in pool.names:
+            style = pool.finqa_style(name)
+            accuracy, predictions = evaluate_finqa(pool.engines[name], records, style)
+            _write_jsonl(out / f"finqa-{name}.jsonl", predictions)
+            rows.append({"data": config.finqa, "style": dataclasses.asdict(style), **accuracy.as_dict()})
+    finally:
+        pool.close()
+    return rows
+
+
+def _prompt_summary(model: str, answers: list[Any]) -> dict[str, Any]:
+    checked = [a for a in answers if a.expected is not None]
+    return {
+        "model": model,
+        "prompts": len(answers),
+        "expected_checked": len(checked),
+        "expected_found": sum(a.expected for a in checked),
+        "mean_completion_tokens": sum(a.completion_tokens for a in answers) / len(answers),
+    }
+
+
+def _write_jsonl(path: Path, rows: list[Any]) -> None:
+    path.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows), encoding="utf-8")
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.machine(),
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else platform.machine()
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    versions = {}
+    for package in ("adaptserve", "llama-cpp-python", "fastapi", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "gpu": _gpu(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+def _gpu() -> str | None:
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
