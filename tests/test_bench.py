@@ -16,7 +16,7 @@ from adaptserve.bench.prompts import load_prompts
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(limit=2, concurrency=[1, 2], requests=2, max_tokens=8, threads=1, out=str(out))
+    config = BenchConfig(limit=2, concurrency=[1, 2], requests=2, max_tokens=8, pp=64, tg=16, repeats=2, threads=1, out=str(out))
     return bench(config), out
 
 
@@ -49,6 +49,16 @@ def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:
         assert row["tokens_per_second"] == pytest.approx(row["output_tokens"] / row["wall_seconds"], rel=0.01)
         assert 0 < row["ttft"]["p50"] <= row["ttft"]["p95"] <= row["e2e"]["p95"]
     assert data["server"]["peak_rss_bytes"] > 50 * 2**20 and data["server"]["cold_start_seconds"] > 0
+    assert [(s["model"], s["pp_tokens"], s["tg_tokens"]) for s in data["speed"]] == [
+        ("smollm2-135m", 64, 16),
+        ("smollm2-135m-finqa", 64, 16),
+    ]
+    assert all(s["pp_tokens_per_second"] > 0 and s["tg_tokens_per_second"] > 0 for s in data["speed"])
+    assert [o["model"] for o in data["overhead"]] == ["smollm2-135m", "smollm2-135m-finqa"]
+    assert all(o["ratio"] > 0 for o in data["overhead"])
+    assert {(s["model"], s["backend"]) for s in data["skipped"]} == {
+        (m, b) for m in ("smollm2-135m", "smollm2-135m-finqa") for b in ("gpu-bnb4", "gpu-16bit")
+    }
 
 
 def test_bad_config_and_inputs_fail_clearly(tmp_path: Path) -> None:

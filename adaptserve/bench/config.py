@@ -28,6 +28,9 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "client counts to load-test at"})
     requests: int = field(default=16, metadata={"help": "requests per concurrency level (at least the concurrency)"})
     max_tokens: int = field(default=64, metadata={"help": "output tokens per load-test and prompt-set request"})
+    pp: int = field(default=512, metadata={"help": "prompt tokens of the llama-bench style prompt-processing test"})
+    tg: int = field(default=128, metadata={"help": "tokens of the llama-bench style generation test"})
+    repeats: int = field(default=3, metadata={"help": "repeats of the pp/tg tests (mean and spread reported)"})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
     accuracy: bool = field(default=True, metadata={"help": "measure FinQA accuracy (in process, as the server prompts)"})
     out: str = field(default="runs/bench", metadata={"help": "where results.json, report.md and the plots go"})
@@ -40,6 +43,8 @@ class BenchConfig:
             errors.append(f"concurrency levels must be positive, got {self.concurrency}")
         if self.requests < 1 or self.max_tokens < 1:
             errors.append("requests and max_tokens must be positive")
+        if self.pp < 1 or self.tg < 1 or self.repeats < 2:
+            errors.append("pp and tg must be positive and repeats at least 2 (for a spread)")
         if self.limit is not None and self.limit < 1:
             errors.append(f"limit must be positive, got {self.limit}")
         if self.threads is not None and self.threads < 1:

@@ -58,6 +58,26 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['requests_per_second']:.2f} | {ttft.get('p50', 0):.3f} / {ttft.get('p95', 0):.3f} "
             f"| {1000 * tpot.get('p50', 0):.1f} | {e2e.get('p50', 0):.2f} / {e2e.get('p95', 0):.2f} |"
         )
+    lines += [
+        "",
+        "## Engine speed (llama-cpp-python directly, llama-bench style) and what HTTP costs",
+        "",
+        "| model | GGUF | prompt processing tokens/s (pp) | generation tokens/s (tg) | HTTP single-client decode tokens/s | HTTP / direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    overhead = {row["model"]: row for row in results["overhead"]}
+    for s in results["speed"]:
+        o = overhead.get(s["model"], {})
+        lines.append(
+            f"| {s['model']} | {s['gguf']} | pp{s['pp_tokens']}: {s['pp_tokens_per_second']:.0f} ± {s['pp_std']:.0f} "
+            f"| tg{s['tg_tokens']}: {s['tg_tokens_per_second']:.1f} ± {s['tg_std']:.1f} | {o.get('http_decode_tokens_per_second', 0):.1f} "
+            f"| {o.get('ratio', 0):.2f} |"
+        )
+    if results["skipped"]:
+        lines += [
+            "",
+            "Skipped: " + "; ".join(f"{s['model']} on {s['backend']} ({s['reason']})" for s in results["skipped"]) + ".",
+        ]
     if server := results.get("server"):
         rss = server["peak_rss_bytes"]
         lines += ["", f"Server: cold start {server['cold_start_seconds']:.1f} s, peak RSS {rss / 2**20:.0f} MiB." if rss else ""]

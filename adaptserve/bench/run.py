@@ -15,12 +15,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from adaptserve import finqa
 from adaptserve.bench import report
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.bench.config import BenchConfig, BenchError
 from adaptserve.bench.load import Server, run_level, start_server
 from adaptserve.bench.prompts import answer_all, load_prompts
+from adaptserve.bench.speed import Speed, llama_bench, served_gguf
+from adaptserve.models import resolve
+from adaptserve.serve.app import ModelPool, ServeConfig
+from adaptserve.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     prompts = load_prompts(config.prompts)
     results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config), "started": time.time()}
     results["accuracy"] = _accuracy(config, out) if config.accuracy else []
+    results["speed"] = [dataclasses.asdict(s) for s in _speed(config)]
+    results["skipped"] = _skipped(config)
 
     server: Server | None = None if config.url else start_server(config.models, config.threads, out / "server.log")
     url = config.url or server.url  # type: ignore[union-attr]
@@ -59,6 +67,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
                 "peak_rss_bytes": server.peak_rss_bytes(),
             }
             server.stop()
+    results["overhead"] = _overhead(results["speed"], results["load"])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write(results, out)
     log.info("bench results in %s", out)
@@ -66,10 +75,6 @@ def bench(config: BenchConfig) -> dict[str, Any]:
 
 
 def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
-    from adaptserve.models import resolve
-    from adaptserve.serve.app import ModelPool, ServeConfig
-    from adaptserve.serve.metrics import Metrics
-
     source, _, split = config.finqa.partition("@")
     try:
         records = finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
@@ -89,6 +94,46 @@ def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
     finally:
         pool.close()
     return rows
+
+
+def _speed(config: BenchConfig) -> list[Speed]:
+    rows = []
+    for model in tqdm(config.models, desc="pp512/tg128", unit="model"):
+        path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
+        rows.append(llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats))
+        log.info(
+            "%s: pp512 %.0f tokens/s, tg128 %.1f tokens/s", model, rows[-1].pp_tokens_per_second, rows[-1].tg_tokens_per_second
+        )
+    return rows
+
+
+def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Single-client decode rate through HTTP (streamed, after the first token) against llama.cpp's own tg128 on
+    the same GGUF and threads: what the server layer costs."""
+    rows = []
+    for direct in speed:
+        single = next((r for r in load if r["model"] == direct["model"] and r["concurrency"] == 1 and r["tpot"]), None)
+        if single is None:
+            continue
+        http = 1 / single["tpot"]["mean"]
+        rows.append(
+            {
+                "model": direct["model"],
+                "http_decode_tokens_per_second": round(http, 2),
+                "direct_tg_tokens_per_second": direct["tg_tokens_per_second"],
+                "ratio": round(http / direct["tg_tokens_per_second"], 3),
+            }
+        )
+    return rows
+
+
+def _skipped(config: BenchConfig) -> list[dict[str, str]]:
+    """Variants this machine cannot run, said out loud rather than dropped."""
+    if _gpu() is not None:
+        reason = "GPU backends (transformers 16-bit, bitsandbytes 4-bit) are not in adaptserve bench yet"
+    else:
+        reason = "no CUDA GPU on this machine"
+    return [{"model": m, "backend": backend, "reason": reason} for m in config.models for backend in ("gpu-bnb4", "gpu-16bit")]
 
 
 def _prompt_summary(model: str, answers: list[Any]) -> dict[str, Any]:

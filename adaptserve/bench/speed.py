@@ -1,0 +1,74 @@
+"""Engine speed without HTTP, in the style of llama-bench: prompt processing of 512 tokens (pp512) and generation
+of 128 tokens one at a time (tg128), straight through llama-cpp-python on the GGUF the server serves."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from adaptserve.models import resolve
+
+
+@dataclass(frozen=True)
+class Speed:
+    model: str
+    gguf: str
+    threads: int | None
+    pp_tokens: int
+    pp_tokens_per_second: float  # mean over repeats
+    pp_std: float
+    tg_tokens: int
+    tg_tokens_per_second: float
+    tg_std: float
+    repeats: int
+
+
+def served_gguf(model: str, quant: str, threads: int | None) -> Path:
+    """The GGUF `adaptserve serve` runs for `model`: the file itself, or an adapter's cached merged export."""
+    spec = resolve(model)
+    if spec.format != "adapter":
+        return spec.path
+    from adaptserve.export import ensure_gguf
+
+    return ensure_gguf(spec.path, quant, threads)
+
+
+def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3) -> Speed:
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=pp + tg + 8, n_batch=pp, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    try:
+        rng = random.Random(0)  # llama-bench also feeds random tokens: speed does not depend on the text
+        prompt = [rng.randrange(llm.n_vocab()) for _ in range(pp)]
+        _timed(llm, [prompt[:16]])  # warm-up, excluded
+        pp_runs = [pp / _timed(llm, [prompt]) for _ in range(repeats)]
+        tg_runs = [tg / _timed(llm, [[token] for token in prompt[:tg]]) for _ in range(repeats)]
+    finally:
+        llm.close()
+    return Speed(
+        model=model,
+        gguf=path.name,
+        threads=threads,
+        pp_tokens=pp,
+        pp_tokens_per_second=round(statistics.mean(pp_runs), 2),
+        pp_std=round(statistics.stdev(pp_runs), 2),
+        tg_tokens=tg,
+        tg_tokens_per_second=round(statistics.mean(tg_runs), 2),
+        tg_std=round(statistics.stdev(tg_runs), 2),
+        repeats=repeats,
+    )
+
+
+def _timed(llm: llama_cpp.Llama, batches: list[list[int]]) -> float:
+    """Seconds to decode `batches` one after another from an empty context (one batch of n tokens = pp,
+    n batches of one token = tg)."""
+    llm.reset()
+    start = time.perf_counter()
+    for batch in batches:
+        llm.eval(batch)
+    return time.perf_counter() - start
