@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=6)
     parser.add_argument("--dev-limit", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results/training")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (others are read from results.json)")
+    parser.add_argument("--only", nargs="*", default=None, help="rerun only these runs (the rest is kept from results.json)")
     parser.add_argument("--worker", choices=["bare", "dev"], help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -226,37 +226,47 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
     results: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
-    done = {r["name"]: r for r in results.get("methods", []) + results.get("memory", [])}
+    done = {r["name"] for r in results.get("methods", []) + results.get("memory", [])}
+    done |= {"bare"} if results.get("throughput", {}).get("bare") else set()
 
     def wanted(name: str) -> bool:
-        return args.only is None or name in args.only or name not in done
+        """--only NAME... reruns those; otherwise whatever results.json does not hold yet runs."""
+        return name in args.only if args.only is not None else name not in done
 
     def worker(*flags: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *flags, "--steps", str(args.steps), "--dev-limit", str(args.dev_limit)]
         output = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         return json.loads(output.stdout.strip().splitlines()[-1])
 
-    methods = []
+    results["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    results["steps"] = args.steps
+    results.setdefault("methods", [])
+    results.setdefault("memory", [])
+
+    def record(kind: str, run: dict[str, Any]) -> None:
+        """Saved after every run, so that a failed or interrupted benchmark keeps what it measured."""
+        results[kind] = [r for r in results[kind] if r["name"] != run["name"]] + [run]
+        saved.write_text(json.dumps(results, indent=2) + "\n")
+
     for name, flags in VARIANTS.items():
-        if not wanted(name):
-            methods.append(done[name])
-            continue
-        run = run_train(name, flags, args.steps, out)
-        run |= worker("--worker", "dev", "--run-dir", run["dir"], "--method", run["method"])
-        log.info("%s: %s", name, {k: v for k, v in run.items() if k != "memory_history"})
-        methods.append(run)
-    bare = results.get("throughput", {}).get("bare") if not wanted("bare") else worker("--worker", "bare")
-    memory = [run_train(n, f, args.memory_steps, out) if wanted(n) else done[n] for n, f in MEMORY.items()]
-    results = {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "steps": args.steps,
-        "methods": methods,
-        "throughput": {"ours": next(m for m in methods if m["name"] == "lora-r16"), "bare": bare},
-        "memory": memory,
-    }
+        if wanted(name):
+            run = run_train(name, flags, args.steps, out)
+            run |= worker("--worker", "dev", "--run-dir", run["dir"], "--method", run["method"])
+            log.info("%s: %s", name, {k: v for k, v in run.items() if k != "memory_history"})
+            record("methods", run)
+    if wanted("bare"):
+        results["throughput"] = {"bare": worker("--worker", "bare")}
+        saved.write_text(json.dumps(results, indent=2) + "\n")
+    results["throughput"]["ours"] = next(m for m in results["methods"] if m["name"] == "lora-r16")
+    for name, flags in MEMORY.items():
+        if wanted(name):
+            record("memory", run_train(name, flags, args.memory_steps, out))
+    order = list(VARIANTS) + list(MEMORY)
+    for kind in ("methods", "memory"):
+        results[kind].sort(key=lambda r: order.index(r["name"]))
     saved.write_text(json.dumps(results, indent=2) + "\n")
     (out / "training.md").write_text(markdown(results))
-    plot_memory(memory, out / "memory.png")
+    plot_memory(results["memory"], out / "memory.png")
     log.info("wrote %s", out)
 
 

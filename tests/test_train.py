@@ -74,6 +74,17 @@ def test_tiny_finqa_run_gives_a_loadable_adapter(tmp_path: Path) -> None:
     assert logits.shape == (1, 4, base.config.vocab_size) and torch.isfinite(logits).all()
 
 
+def test_qlora_on_cpu_trains_an_adapter_for_the_float_base(tmp_path: Path) -> None:
+    """QLoRA is meant for CUDA but bitsandbytes runs its NF4 layers on CPU too (slowly): one real step."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    report = train(TrainConfig(**{**TINY, "method": "qlora"}, max_steps=1, save_every=0, output_dir=str(out)))  # type: ignore[arg-type]
+    assert report.method == "qlora" and report.steps == 1 and report.final_loss > 0
+    # The adapter is plain LoRA weights: it loads onto the float base, which is how `adaptserve export` merges it.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m")), str(out))
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+
+
 def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path: Path, chats: Path) -> None:
     steps = 8
     args = dict(
