@@ -53,21 +53,22 @@ def main() -> None:
 
     tick = time.perf_counter()
     reference = verify.greedy_hf(merge.attach(model, adapter), prompts, MAX_TOKENS, eos, "transformers")
-    rows: list[dict[str, Any]] = [_row("transformers + PEFT (reference)", reference, reference, records, tokenizer, tick)]
+    ref = _Outputs(reference, records, tokenizer)
+    rows: list[dict[str, Any]] = [_row("transformers + PEFT (reference)", ref, ref, tick)]
     del model
 
     for quant in args.quants:
         tick = time.perf_counter()
         path = ensure_gguf(adapter_dir, quant, args.threads)
         tokens, _ = verify.greedy_gguf(path, prompts, MAX_TOKENS, eos, args.threads, progress=quant)
-        rows.append(_row(f"merged GGUF {quant}", tokens, reference, records, tokenizer, tick))
+        rows.append(_row(f"merged GGUF {quant}", _Outputs(tokens, records, tokenizer), ref, tick))
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
         export(ExportConfig(adapter=str(adapter_dir), output_dir=tmp, formats=["lora-gguf"], verify_tokens=0))
         lora = next(Path(tmp).glob("*-lora.gguf"))
         base = resolve(base_ref).path
         tokens, _ = verify.greedy_gguf(base, prompts, MAX_TOKENS, eos, args.threads, lora, "lora-gguf")
-        rows.append(_row(f"adapter GGUF on {base.name}", tokens, reference, records, tokenizer, tick))
+        rows.append(_row(f"adapter GGUF on {base.name}", _Outputs(tokens, records, tokenizer), ref, tick))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,22 +78,25 @@ def main() -> None:
     log.info("wrote %s", out)
 
 
-def _row(
-    name: str, outputs: list[list[int]], reference: list[list[int]], records: list[finqa.FinQARecord], tokenizer: Any, tick: float
-) -> dict[str, Any]:
-    texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in outputs]
-    ref_texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in reference]
-    scored = [finqa.score_output(text, record) for text, record in zip(texts, records, strict=True)]
-    ref_scored = [finqa.score_output(text, record) for text, record in zip(ref_texts, records, strict=True)]
-    agreement = verify.agreement(reference, outputs)
-    n = len(records)
+class _Outputs:
+    """One backend's greedy tokens per record, decoded and scored once."""
+
+    def __init__(self, tokens: list[list[int]], records: list[finqa.FinQARecord], tokenizer: Any) -> None:
+        self.tokens = tokens
+        self.texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        self.scored = [finqa.score_output(text, record) for text, record in zip(self.texts, records, strict=True)]
+
+
+def _row(name: str, outputs: _Outputs, reference: _Outputs, tick: float) -> dict[str, Any]:
+    agreement = verify.agreement(reference.tokens, outputs.tokens)
+    n = len(outputs.tokens)
     return {
         "export": name,
-        "same_program": sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / n,
-        "same_answer": sum(s.answer == r.answer for s, r in zip(scored, ref_scored, strict=True)) / n,
+        "same_program": sum(a == b for a, b in zip(outputs.texts, reference.texts, strict=True)) / n,
+        "same_answer": sum(s.answer == r.answer for s, r in zip(outputs.scored, reference.scored, strict=True)) / n,
         "same_tokens": agreement.exact,
         "mean_prefix_tokens": agreement.mean_prefix,
-        "execution_accuracy": sum(s.correct for s in scored) / n,
+        "execution_accuracy": sum(s.correct for s in outputs.scored) / n,
         "seconds": round(time.perf_counter() - tick, 1),
     }
 

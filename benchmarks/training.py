@@ -13,13 +13,14 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from adaptserve.bench.run import machine_info
 
 log = logging.getLogger("benchmarks.training")
 
@@ -238,7 +239,7 @@ def main() -> None:
         output = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         return json.loads(output.stdout.strip().splitlines()[-1])
 
-    results["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    results["machine"] = machine_info()
     results["steps"] = args.steps
     results.setdefault("methods", [])
     results.setdefault("memory", [])
@@ -268,13 +269,6 @@ def main() -> None:
     (out / "training.md").write_text(markdown(results))
     plot_memory(results["memory"], out / "memory.png")
     log.info("wrote %s", out)
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -183,18 +183,17 @@ def machine_info() -> dict[str, Any]:
 
 
 def _gpu() -> str | None:
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return _output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"])
 
 
 def _git_commit() -> str | None:
+    return _output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent)
+
+
+def _output(cmd: list[str], cwd: Path | None = None) -> str | None:
+    """A command's stripped output, or None where it is missing, fails or says nothing."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None

@@ -57,8 +57,8 @@ class TrainConfig:
         default=False,
         metadata={
             "help": "CPU: gradient checkpointing plus an allocator that returns freed activations to the OS at once; "
-            "peak RSS of a 4 x 512-token LoRA step on SmolLM2-135M falls from 6.6 GB to 1.3 GB and stays flat, "
-            "at about two thirds of the speed (benchmarks/training.md)"
+            "peak RSS of a 4 x 512-token LoRA step on SmolLM2-135M falls from 5.3 GiB to 1.3 GiB and stays flat, "
+            "at about 55% of the speed (benchmarks/training.md)"
         },
     )
     precision: str = field(
