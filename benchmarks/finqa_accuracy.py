@@ -54,9 +54,18 @@ def main() -> None:
                 log.info("%s on %s: %.1f%% (%d/%d)", name, label, 100 * report.execution_accuracy, report.correct, report.count)
     finally:
         pool.close()
+    results = _merge(out / "finqa_accuracy.json", results)
     summary = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}, "results": results}
     (out / "finqa_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "finqa_accuracy.md").write_text(markdown(results))
+
+
+def _merge(path: Path, fresh: list[dict]) -> list[dict]:
+    """Earlier results for other (data, model) pairs kept, these replaced: re-running one model leaves the rest."""
+    earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+    keys = {(r["data"], r["model"]) for r in fresh}
+    kept = [r for r in earlier if (r["data"], r["model"]) not in keys]
+    return sorted(kept + fresh, key=lambda r: (r["data"], r["model"]))
 
 
 def markdown(results: list[dict]) -> str:

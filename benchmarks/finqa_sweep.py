@@ -1,0 +1,217 @@
+"""Pick the shipped FinQA adapter: train candidate configs with `adaptserve train`, score each on dev[:300], keep the best.
+
+    python benchmarks/finqa_sweep.py --out benchmarks/results/finqa-sweep            # a GPU: minutes; 2 CPU cores: a day
+
+Training data is train + dev[300:], selection is on dev[:300] (execution accuracy, then program exact match), and the
+test split is never read here: the chosen adapter is scored on test afterwards, once (`adaptserve bench`). Scoring
+decodes greedily in transformers, a batch of prompts at a time, with the very prompt and stop rule of the server
+(`finqa.adapter_style`, one line); numbers can differ slightly from the served GGUF (quantization, see
+benchmarks/results/export). Runs in priority order within `--budget` seconds and rewrites `<out>/sweep.json` after
+every run, so a run cut short still reports what it finished; the best adapter is copied to `<out>/best/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptserve import finqa
+from adaptserve.train import TrainConfig, train
+from adaptserve.train.model import base_dir
+
+log = logging.getLogger("benchmarks.finqa_sweep")
+
+FINQA = "../shared/data/finqa"
+TRAIN = [f"{FINQA}/train.json", f"{FINQA}/dev.json:300:"]
+SELECT = (f"{FINQA}/dev.json", 0, 300)
+RUNS = Path("runs/finqa-sweep")  # the candidates' output dirs (ignored by git)
+COMMON = {"batch_size": 8, "grad_accum": 1, "save_every": 0, "seed": 0, "rank": 16, "alpha": 32.0}
+# name -> TrainConfig fields, most promising first (a cut-short run keeps the head of the list). Rank stays 16 so
+# the shipped adapter stays small (~10 MB); "full" is the reference the adapters are judged against.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "r16-lr1e-3-ep3": {"lr": 1e-3, "epochs": 3},
+    "r16-lr5e-4-ep3": {"lr": 5e-4, "epochs": 3},
+    "r16-lr1e-3-ep6": {"lr": 1e-3, "epochs": 6},
+    "r16-lr2e-3-ep3": {"lr": 2e-3, "epochs": 3},
+    "r16-lr1e-3-ep6-k3": {"lr": 1e-3, "epochs": 6, "retrieval_k": 3, "max_seq_len": 1024},
+    "r16-lr1e-3-ep10": {"lr": 1e-3, "epochs": 10},
+    "r16-lr1e-3-ep6-k1": {"lr": 1e-3, "epochs": 6, "retrieval_k": 1},
+    "r16-lr1e-3-ep6-drop": {"lr": 1e-3, "epochs": 6, "dropout": 0.1},
+    "full-lr5e-5-ep3": {"method": "full", "lr": 5e-5, "epochs": 3},
+}
+
+
+def load_for_eval(adapter: Path | None, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if adapter is not None and (adapter / "model.safetensors").is_file():  # full fine-tuning saved the whole model
+        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m"), dtype=dtype)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter or base_dir("smollm2-135m"))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+@torch.inference_mode()
+def greedy_lines(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch: int, max_new_tokens: int
+) -> list[str]:
+    """The first line of each prompt's greedy continuation, as the server's FinQA endpoint stops at a newline."""
+    lines = []
+    for start in range(0, len(prompts), batch):
+        enc = tokenizer(list(prompts[start : start + batch]), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        lines += [text.split("\n")[0] for text in texts]
+    return lines
+
+
+def dev_accuracy(adapter: Path | None, records: Sequence[finqa.FinQARecord], device: torch.device, batch: int) -> dict[str, Any]:
+    """Execution accuracy and program exact match of `adapter` (None: the base, few-shot prompted) on `records`."""
+    tick = time.perf_counter()
+    model, tokenizer = load_for_eval(adapter, device)
+    style = finqa.adapter_style(adapter) if adapter is not None else finqa.BASE_STYLE
+    prompts = [
+        tokenizer.apply_chat_template(finqa.record_prompt(r, style, chat=True), add_generation_prompt=True, tokenize=False)
+        for r in records
+    ]
+    outputs = greedy_lines(model, tokenizer, prompts, batch, max_new_tokens=96)
+    scored = [finqa.score_output(text, r) for text, r in zip(outputs, records, strict=True)]
+    exact = sum(
+        s.program is not None and s.program.replace(" ", "") == r.program.replace(" ", "")
+        for s, r in zip(scored, records, strict=True)
+    )
+    correct = sum(s.correct for s in scored)
+    del model
+    return {
+        "count": len(records),
+        "correct": correct,
+        "execution_accuracy": correct / len(records),
+        "program_exact_match": exact / len(records),
+        "eval_seconds": round(time.perf_counter() - tick, 1),
+        "examples": [
+            {"id": r.id, "output": o, "correct": s.correct} for r, o, s in zip(records[:5], outputs[:5], scored[:5], strict=True)
+        ],
+    }
+
+
+def run_candidate(
+    name: str, fields: dict[str, Any], runs: Path, records: Sequence[finqa.FinQARecord], args: argparse.Namespace
+) -> dict[str, Any]:
+    config = TrainConfig(data=TRAIN, output_dir=str(runs / name), **(COMMON | fields))
+    if args.max_steps:
+        config.max_steps = args.max_steps
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    report = train(config)
+    score = dev_accuracy(Path(config.output_dir), records, device, args.eval_batch)
+    log.info("%s: dev accuracy %.1f%% (%d/%d)", name, 100 * score["execution_accuracy"], score["correct"], score["count"])
+    return {
+        "name": name,
+        "fields": fields,
+        "config": dataclasses.asdict(config),
+        "train": {
+            k: getattr(report, k)
+            for k in ("steps", "train_tokens", "tokens_per_second", "train_seconds", "peak_memory_bytes", "final_loss")
+        },
+        "dev": score,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finqa-sweep"))
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; no new run starts after this")
+    parser.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all, in order)")
+    parser.add_argument("--limit", type=int, default=None, help="score on the first N selection records (smoke runs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (smoke runs)")
+    parser.add_argument("--eval-batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    started = time.perf_counter()
+    path, start, end = SELECT
+    records = finqa.load_finqa(path)[start:end][: args.limit]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "train_data": TRAIN,
+        "selection": f"{path}[{start}:{end}]" + (f"[:{args.limit}]" if args.limit else ""),
+        "base": dev_accuracy(None, records, device, args.eval_batch),
+        "runs": [],
+    }
+    log.info("base (2-shot): dev accuracy %.1f%%", 100 * result["base"]["execution_accuracy"])
+    names = args.only if args.only is not None else list(CANDIDATES)
+    for name in names:
+        elapsed = time.perf_counter() - started
+        if elapsed > args.budget:
+            log.warning("budget spent after %.0f s: %s not run", elapsed, name)
+            result.setdefault("not_run", []).append(name)
+            continue
+        result["runs"].append(run_candidate(name, CANDIDATES[name], RUNS, records, args))
+        _publish(result, args.out)
+    _publish(result, args.out)
+    log.info("done in %.0f s", time.perf_counter() - started)
+
+
+def _publish(result: dict[str, Any], out: Path) -> None:
+    """Write sweep.json and copy the best adapter so far (LoRA runs only: the full model is not shippable) to out/best."""
+    adapters = [r for r in result["runs"] if r["config"]["method"] != "full"]
+    best = max(adapters, key=lambda r: (r["dev"]["execution_accuracy"], r["dev"]["program_exact_match"]), default=None)
+    result["best"] = best["name"] if best else None
+    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    (out / "sweep.md").write_text(markdown(result))
+    if best is not None:
+        src, dst = Path(best["config"]["output_dir"]), out / "best"
+        dst.mkdir(exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "train_report.json"):
+            shutil.copy(src / name, dst / name)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    base = result["base"]
+    lines = [
+        f"Selection on {result['selection']}, {result['device']}; training data {', '.join(result['train_data'])}.",
+        "",
+        "| candidate | steps | final loss | train tokens/s | peak memory | dev execution accuracy | program exact match |",
+        "|---|---|---|---|---|---|---|",
+        f"| base, 2-shot | - | - | - | - | {100 * base['execution_accuracy']:.1f}% ({base['correct']}/{base['count']}) "
+        f"| {100 * base['program_exact_match']:.1f}% |",
+    ]
+    for run in result["runs"]:
+        train, dev = run["train"], run["dev"]
+        mark = " (chosen)" if run["name"] == result["best"] else ""
+        lines.append(
+            f"| {run['name']}{mark} | {train['steps']} | {train['final_loss']:.3f} | {train['tokens_per_second']:.0f} "
+            f"| {train['peak_memory_bytes'] / 2**30:.2f} GiB | {100 * dev['execution_accuracy']:.1f}% "
+            f"({dev['correct']}/{dev['count']}) | {100 * dev['program_exact_match']:.1f}% |"
+        )
+    if result.get("not_run"):
+        lines += ["", f"Not run (time budget): {', '.join(result['not_run'])}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
