@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # The committed CPU run of `adaptserve bench` (benchmarks/results/bench-cpu/): base vs adapted on this machine class
 # (2 cores, no GPU), FinQA test.json's first 50 questions, 2 llama.cpp threads (nothing else runs meanwhile).
+# Perplexity is measured on the report text of FinQA test.json (pre_text and post_text of each distinct page, no
+# questions or answers): the adapter's domain, from the split held out from training (~205k SmolLM2 tokens, 401
+# chunks of 512); the first 40 chunks (20k tokens, ~1.5 min per variant) are evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p runs
+.venv/bin/python -c '
+import json, sys
+records = json.load(open(sys.argv[1], encoding="utf-8"))
+pages = dict.fromkeys(" ".join(r["pre_text"] + r["post_text"]) for r in records)  # pages repeat across questions
+open(sys.argv[2], "w", encoding="utf-8").write("\n".join(pages) + "\n")
+' ../shared/data/finqa/test.json runs/ppl-finqa-test.txt
 HF_HUB_OFFLINE=1 .venv/bin/adaptserve bench \
   --finqa ../shared/data/finqa/test.json --limit 50 \
+  --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
   --concurrency 1 2 4 8 --requests 16 --max-tokens 64 --threads 2 \
   --out benchmarks/results/bench-cpu "$@"

@@ -1,4 +1,5 @@
-"""`adaptserve bench`: what the adaptation bought (accuracy) and what serving costs (latency, throughput).
+"""`adaptserve bench`: what the adaptation bought (accuracy, perplexity, overlap with reference answers) and what serving
+costs (latency, throughput).
 
     from adaptserve.bench import BenchConfig, bench
     results = bench(BenchConfig(finqa="sample@test", concurrency=[1, 4], out="runs/bench"))

@@ -20,7 +20,7 @@ class BenchConfig:
     limit: int | None = field(default=None, metadata={"help": "first N FinQA records (default: all)"})
     prompts: str = field(
         default="builtin",
-        metadata={"help": "evaluation prompt JSONL (id, prompt, optional expect_any); builtin: the shipped set"},
+        metadata={"help": "evaluation prompt JSONL (id, prompt, optional expect_any and reference); builtin: the shipped set"},
     )
     url: str | None = field(
         default=None, metadata={"help": "an OpenAI-compatible server to load-test; unset: start our own on loopback"}
@@ -32,6 +32,14 @@ class BenchConfig:
     tg: int = field(default=128, metadata={"help": "tokens of the llama-bench style generation test"})
     repeats: int = field(default=3, metadata={"help": "repeats of the pp/tg tests (mean and spread reported)"})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
+    ppl: str | None = field(
+        default=None,
+        metadata={"help": "text file for each variant's perplexity, measured as llama-perplexity does (unset: skip)"},
+    )
+    ppl_ctx: int = field(default=512, metadata={"help": "tokens per perplexity chunk; the second half of each is scored"})
+    ppl_chunks: int | None = field(
+        default=None, metadata={"help": "score only the first N chunks, as llama-perplexity's --chunks (default: all)"}
+    )
     accuracy: bool = field(default=True, metadata={"help": "measure FinQA accuracy (in process, as the server prompts)"})
     out: str = field(default="runs/bench", metadata={"help": "where results.json, report.md and the plots go"})
 
@@ -47,6 +55,10 @@ class BenchConfig:
             errors.append("pp and tg must be positive and repeats at least 2 (for a spread)")
         if self.limit is not None and self.limit < 1:
             errors.append(f"limit must be positive, got {self.limit}")
+        if self.ppl_ctx < 3:  # a chunk scores ppl_ctx - ppl_ctx // 2 - 1 tokens: none below 3
+            errors.append(f"ppl_ctx must be at least 3, got {self.ppl_ctx}")
+        if self.ppl_chunks is not None and self.ppl_chunks < 1:
+            errors.append(f"ppl_chunks must be positive, got {self.ppl_chunks}")
         if self.threads is not None and self.threads < 1:
             errors.append(f"threads must be positive, got {self.threads}")
         if errors:

@@ -158,19 +158,27 @@ class Server:
             self.process.kill()
 
 
-def start_server(models: Sequence[str], threads: int | None, log_path: Path, timeout: float = 600.0) -> Server:
-    """Our own server on a free loopback port, without the UI; waits until it answers a one-token request."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(models: Sequence[str], threads: int | None, log_path: Path, timeout: float = 600.0) -> Server:
+    """Our own server on a free loopback port, without the UI; waits until it answers a one-token request."""
+    port = free_port()
     cmd = [sys.executable, "-m", "adaptserve", "serve", "--models", *models, "--port", str(port), "--no-ui"]
     if threads:
         cmd += ["--n-threads", str(threads)]
+    return launch(cmd, f"http://127.0.0.1:{port}", models[0], log_path, timeout)
+
+
+def launch(cmd: Sequence[str], url: str, model: str, log_path: Path, timeout: float = 600.0) -> Server:
+    """Start any OpenAI-compatible server command listening at `url`; returns once `model` answers a one-token chat."""
     start = time.perf_counter()
     with log_path.open("wb") as server_log:
         process = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    body = {"model": models[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     while time.perf_counter() - start < timeout:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")

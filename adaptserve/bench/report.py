@@ -33,17 +33,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {a['model']} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
                 f"| {100 * a['program_exact_match']:.1f}% | {100 * a['executable_programs']:.0f}% | {a['mean_prompt_tokens']:.0f} |"
             )
+    if results["perplexity"]:
+        lines += _perplexity(results["perplexity"], results["config"]["ppl"])
     lines += [
         "",
         "## Evaluation prompts",
         "",
-        "| model | prompts | expected answer found | mean output tokens |",
-        "|---|---|---|---|",
+        "| model | prompts | expected answer found | mean output tokens | with reference | ROUGE-L F1 (mean) | BLEU (corpus) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in results["prompts"]:
         lines.append(
-            f"| {p['model']} | {p['prompts']} | {p['expected_found']}/{p['expected_checked']} | {p['mean_completion_tokens']:.0f} |"
+            f"| {p['model']} | {p['prompts']} | {p['expected_found']}/{p['expected_checked']} | {p['mean_completion_tokens']:.0f} "
+            f"| {p['referenced']} | {_maybe(p['rouge_l'], '.3f')} | {_maybe(p['bleu'], '.1f')} |"
         )
+    if not any(p["referenced"] for p in results["prompts"]):
+        lines += ["", "No prompt has a reference answer, so ROUGE-L and BLEU were not measured."]
     lines += [
         "",
         "## Latency and throughput (streamed chat over HTTP)",
@@ -82,6 +87,30 @@ def markdown(results: dict[str, Any]) -> str:
         rss = server["peak_rss_bytes"]
         lines += ["", f"Server: cold start {server['cold_start_seconds']:.1f} s, peak RSS {rss / 2**20:.0f} MiB." if rss else ""]
     return "\n".join(lines) + "\n"
+
+
+def _perplexity(rows: list[dict[str, Any]], source: str) -> list[str]:
+    lines = [
+        "",
+        "## Perplexity (llama.cpp's llama-perplexity method)",
+        "",
+        f"On `{source}`: non-overlapping chunks of n_ctx tokens, the second half of each scored; ± is llama.cpp's "
+        "uncertainty (the standard error of the mean token NLL, through exp).",
+        "",
+        "| model | GGUF | PPL | chunks x n_ctx | tokens scored | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['gguf']} | {r['ppl']:.4f} ± {r['error']:.5f} | {r['chunks']} x {r['n_ctx']} "
+            f"| {r['tokens_scored']} | {r['seconds']:.1f} |"
+        )
+    return lines
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    """A score, or n/a where there was nothing to score (never a stand-in 0)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def plots(results: dict[str, Any], out: Path) -> None:

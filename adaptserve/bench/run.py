@@ -1,5 +1,6 @@
-"""One bench run: FinQA accuracy per variant (in process), the prompt set and the load levels over HTTP, then the
-results, report and plots. The HTTP side talks to `config.url` or to a server this run starts and stops itself."""
+"""One bench run: perplexity and FinQA accuracy per variant (in process), the prompt set and the load levels over
+HTTP, then the results, report and plots. The HTTP side talks to `config.url` or to a server this run starts and
+stops itself."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from adaptserve.bench import report
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.bench.config import BenchConfig, BenchError
 from adaptserve.bench.load import Server, run_level, start_server
-from adaptserve.bench.prompts import answer_all, load_prompts
+from adaptserve.bench.perplexity import Perplexity, perplexity
+from adaptserve.bench.prompts import answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, llama_bench, served_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.app import ModelPool, ServeConfig
@@ -39,6 +41,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(config.prompts)
     results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config), "started": time.time()}
+    # first: a text too short for the context fails here, not after the accuracy run
+    results["perplexity"] = [dataclasses.asdict(p) for p in _perplexity(config, config.ppl)] if config.ppl else []
     results["accuracy"] = _accuracy(config, out) if config.accuracy else []
     results["speed"] = [dataclasses.asdict(s) for s in _speed(config)]
     results["skipped"] = _skipped(config)
@@ -51,7 +55,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         for model in config.models:
             answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
             _write_jsonl(out / f"prompts-{model}.jsonl", answers)
-            results["prompts"].append(_prompt_summary(model, answers))
+            results["prompts"].append(summarize(model, answers))
             for level in config.concurrency:
                 requests = max(config.requests, level)
                 result, _ = asyncio.run(run_level(url, model, conversations, level, requests, config.max_tokens))
@@ -96,6 +100,19 @@ def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
+    try:
+        text = Path(source).read_bytes()  # as llama.cpp reads it: bytes to the tokenizer, no decoding on our side
+    except OSError as err:
+        raise BenchError(f"ppl {source}: {err}") from err
+    rows = []
+    for model in config.models:
+        path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
+        rows.append(perplexity(model, path, text, config.ppl_ctx, config.threads, config.ppl_chunks))
+        log.info("%s: PPL = %.4f +/- %.5f over %d tokens", model, rows[-1].ppl, rows[-1].error, rows[-1].tokens_scored)
+    return rows
+
+
 def _speed(config: BenchConfig) -> list[Speed]:
     rows = []
     for model in tqdm(config.models, desc="pp512/tg128", unit="model"):
@@ -134,17 +151,6 @@ def _skipped(config: BenchConfig) -> list[dict[str, str]]:
     else:
         reason = "no CUDA GPU on this machine"
     return [{"model": m, "backend": backend, "reason": reason} for m in config.models for backend in ("gpu-bnb4", "gpu-16bit")]
-
-
-def _prompt_summary(model: str, answers: list[Any]) -> dict[str, Any]:
-    checked = [a for a in answers if a.expected is not None]
-    return {
-        "model": model,
-        "prompts": len(answers),
-        "expected_checked": len(checked),
-        "expected_found": sum(a.expected for a in checked),
-        "mean_completion_tokens": sum(a.completion_tokens for a in answers) / len(answers),
-    }
 
 
 def _write_jsonl(path: Path, rows: list[Any]) -> None:

@@ -1,0 +1,122 @@
+"""Our server against llama-cpp-python's own (`python -m llama_cpp.server`): same GGUF, threads, prompts and load.
+
+    .venv/bin/python benchmarks/peer.py --out benchmarks/results/peer      # ~10 min on 2 cores; nothing else running
+
+Both servers are started the same way (a fresh process on a loopback port, timed to its first answer) and measured
+by the same `adaptserve bench --url` run: streamed chat at each concurrency level, and the llama-bench style direct
+speed of the GGUF for the HTTP/direct ratio. Also recorded: peak RSS of each server process, and the status each
+answers to a malformed JSON body (a client error should be a 4xx, not a 500). Needs the `peer` extra
+(`pip install 'adaptserve[peer]'`: llama-cpp-python's server dependencies). Writes `<out>/peer.json`, `<out>/peer.md`
+and each side's bench output under `<out>/ours/` and `<out>/llama-cpp-server/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adaptserve.bench import BenchConfig, bench
+from adaptserve.bench.load import Server, free_port, launch, start_server
+from adaptserve.models import resolve
+
+log = logging.getLogger("benchmarks.peer")
+MODEL = "smollm2-135m"
+
+
+def start_peer(threads: int, log_path: Path) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(resolve(MODEL).path), "--model_alias", MODEL,
+        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    return launch(cmd, f"http://127.0.0.1:{port}", MODEL, log_path)
+
+
+def measure(name: str, server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """The bench load against `server`, its malformed-JSON status, cold start and peak RSS; stops the server."""
+    try:
+        config = BenchConfig(
+            models=[MODEL],
+            url=server.url,
+            accuracy=False,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            threads=args.threads,
+            repeats=args.repeats,
+            out=str(args.out / name),
+        )
+        results = bench(config)
+        malformed = httpx.post(
+            f"{server.url}/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}
+        )
+        return {
+            "server": name,
+            "cold_start_seconds": round(server.cold_start_seconds, 2),
+            "peak_rss_bytes": server.peak_rss_bytes(),
+            "malformed_json_status": malformed.status_code,
+            "load": results["load"],
+            "overhead": results["overhead"],
+        }
+    finally:
+        server.stop()
+
+
+def markdown(rows: list[dict[str, Any]], threads: int) -> str:
+    ours, peer = rows
+    lines = [
+        f"`{MODEL}` (Q4_1 GGUF), {threads} llama.cpp threads, streamed chat, same prompts and load for both.",
+        "",
+        "| clients | ours: output tokens/s | llama_cpp.server: output tokens/s | ratio | ours: p95 TTFT | peer: p95 TTFT "
+        "| errors (ours / peer) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(ours["load"], peer["load"], strict=True):
+        ratio = a["tokens_per_second"] / b["tokens_per_second"] if b["tokens_per_second"] else float("nan")
+        lines.append(
+            f"| {a['concurrency']} | {a['tokens_per_second']:.1f} | {b['tokens_per_second']:.1f} | {ratio:.2f}x "
+            f"| {a['ttft'].get('p95', float('nan')):.2f} s | {b['ttft'].get('p95', float('nan')):.2f} s "
+            f"| {a['errors']} / {b['errors']} |"
+        )
+    lines += ["", "| | ours | llama_cpp.server |", "|---|---|---|"]
+    for label, key, unit in (
+        ("cold start (process start to first answer)", "cold_start_seconds", " s"),
+        ("peak RSS", "peak_rss_bytes", ""),
+        ("status for a malformed JSON body", "malformed_json_status", ""),
+    ):
+        value = [r[key] for r in rows]
+        if key == "peak_rss_bytes":
+            value = [f"{v / 2**20:.0f} MiB" if v else "n/a" for v in value]
+        lines.append(f"| {label} | {value[0]}{unit} | {value[1]}{unit} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peer"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        measure("ours", start_server([MODEL], args.threads, args.out / "ours-server.log"), args),
+        measure("llama-cpp-server", start_peer(args.threads, args.out / "llama-cpp-server.log"), args),
+    ]
+    (args.out / "peer.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "peer.md").write_text(markdown(rows, args.threads))
+    log.info("wrote %s", args.out / "peer.md")
+
+
+if __name__ == "__main__":
+    main()
