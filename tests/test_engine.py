@@ -1,14 +1,17 @@
-"""The llama.cpp engine directly: stop strings, context budget, queue limits, close."""
+"""The llama.cpp engine directly: stop strings, context budget, queue limits, batching, prefix cache, close."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
+import llama_cpp
 import pytest
 
 from adaptserve.models import resolve
-from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher
+from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
+from adaptserve.serve.metrics import Metrics
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,7 @@ def test_stop_matcher(pieces: list[str], stops: list[str], expected: str, cut: b
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaCppEngine]:
-    eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=256, n_threads=2, queue_size=2)
+    eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=256, n_threads=2, queue_size=2, n_slots=2)
     yield eng
     eng.close()
 
@@ -53,9 +56,9 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
         params = SamplingParams(max_tokens=8, temperature=0)
         prompt = engine.chat_prompt([{"role": "user", "content": "Hi"}])
         accepted = [engine.submit(prompt, params) for _ in range(2)]
-        # the worker may already have taken one job off the queue; fill what is left, then one more is refused
+        # the worker may already have taken jobs off the queue into its slots; fill what is left, then one more is refused
         with pytest.raises(EngineBusy):
-            for _ in range(3):
+            for _ in range(engine.n_slots + 1):
                 accepted.append(engine.submit(prompt, params))
         return [(await gen.collect()).text for gen in accepted]
 
@@ -66,3 +69,162 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
 def test_chat_template_comes_from_the_gguf(engine: LlamaCppEngine) -> None:
     prompt = engine.llm.detokenize(engine.chat_prompt([{"role": "user", "content": "Hi"}]), special=True).decode()
     assert "<|im_start|>user\nHi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+# ---- continuous batching: one context, several slots, chunked prefill, prefix cache ----
+
+N_SLOTS = 8
+
+
+@pytest.fixture(scope="module")
+def batched() -> Iterator[LlamaCppEngine]:
+    # A small prefill chunk, so long prompts take several steps beside running streams (and copies pay off early).
+    eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=512, n_threads=2, queue_size=64, n_slots=N_SLOTS, prefill_chunk=32)
+    yield eng
+    eng.close()
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def chat(engine: LlamaCppEngine, text: str, system: str | None = None) -> list[int]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return engine.chat_prompt([*messages, {"role": "user", "content": text}])
+
+
+def mixed_requests(engine: LlamaCppEngine) -> list[tuple[list[int], SamplingParams]]:
+    """Eight prompts of 5 to ~300 tokens with 6 to 40 completion tokens: two with a stop string, one seeded sample."""
+    long_text = "The ledger lists revenue, costs, taxes and dividends for every quarter. " * 20
+    return [
+        (engine.tokenize("Once upon a time"), SamplingParams(max_tokens=40, temperature=0)),
+        (chat(engine, "Name three colors."), GREEDY),
+        (chat(engine, f"Summarize: {long_text}"), SamplingParams(max_tokens=16, temperature=0)),
+        (engine.tokenize("Count from 1 to 20: 1, 2, 3,"), SamplingParams(max_tokens=30, temperature=0, stop=("12",))),
+        (chat(engine, "Write a haiku about ledgers."), SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=7)),
+        (engine.tokenize("def fibonacci(n):"), SamplingParams(max_tokens=6, temperature=0)),
+        (chat(engine, "What is 17 * 23?", system="You are a careful accountant."), GREEDY),
+        (engine.tokenize(long_text + "In total,"), SamplingParams(max_tokens=20, temperature=0, stop=(".",))),
+    ]
+
+
+async def stream_text(engine: LlamaCppEngine, prompt: list[int], params: SamplingParams, cancel_after: int | None) -> str:
+    """Read the stream delta by delta; with `cancel_after`, hang up after that many deltas, as a client would."""
+    events, parts = engine.submit(prompt, params).events(), []
+    async for event in events:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            if len(parts) == cancel_after:
+                break
+    await events.aclose()
+    return "".join(parts)
+
+
+def wait_idle(engine: LlamaCppEngine, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (engine.slots_busy or engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (engine.slots_busy, engine.queue_depth) == (0, 0)
+
+
+def assert_kv_matches_slots(engine: LlamaCppEngine) -> None:
+    """No leaked cells: each slot's KV holds exactly the tokens the engine thinks it caches."""
+    for slot in engine.slots.slots:
+        assert llama_cpp.llama_memory_seq_pos_max(engine.slots.ctx.memory, slot.seq_id) == len(slot.cached) - 1
+
+
+def test_batched_output_matches_running_alone(batched: LlamaCppEngine) -> None:
+    requests = mixed_requests(batched)
+    cancel_after = {2: 3, 5: 1}  # these two clients hang up early
+    streamed = {0, 3, 4}  # these read delta by delta; the rest collect
+
+    async def together() -> list[str]:
+        async def one(i: int) -> str:
+            prompt, params = requests[i]
+            if i in streamed or i in cancel_after:
+                return await stream_text(batched, prompt, params, cancel_after.get(i))
+            return (await batched.complete(prompt, params)).text
+
+        return await asyncio.gather(*(one(i) for i in range(len(requests))))
+
+    async def alone() -> list[str]:
+        return [(await batched.complete(prompt, params)).text for prompt, params in requests]
+
+    cancelled = batched.requests_cancelled
+    concurrent = asyncio.run(together())
+    wait_idle(batched)
+    expected = asyncio.run(alone())
+    assert all(expected)
+    for i, (got, want) in enumerate(zip(concurrent, expected, strict=True)):
+        if i in cancel_after:
+            assert got and want.startswith(got), (i, got, want)
+        else:
+            assert got == want, (i, got, want)
+    assert batched.requests_cancelled == cancelled + len(cancel_after)
+    assert_kv_matches_slots(batched)
+
+
+def test_cancel_frees_the_slot_at_once(batched: LlamaCppEngine) -> None:
+    wait_idle(batched)
+    generated = batched.tokens_generated
+    text = asyncio.run(stream_text(batched, chat(batched, "Write a long story."), SamplingParams(max_tokens=400), 2))
+    wait_idle(batched, timeout=2)
+    assert text and batched.tokens_generated - generated < 20  # far short of 400
+
+
+def test_many_requests_leave_no_slot_or_kv_behind(batched: LlamaCppEngine) -> None:
+    async def run() -> list[str]:
+        async def one(i: int) -> str:
+            prompt = batched.tokenize(f"Request {i}: the number after {i} is")
+            params = SamplingParams(max_tokens=1 + i % 4, temperature=0.7 if i % 2 else 0, seed=i)
+            return await stream_text(batched, prompt, params, cancel_after=1 if i % 5 == 0 else None)
+
+        return await asyncio.gather(*(one(i) for i in range(60)))
+
+    cancelled = batched.requests_cancelled
+    texts = asyncio.run(run())
+    wait_idle(batched)
+    assert len(texts) == 60 and sum(bool(t) for t in texts) >= 50
+    assert batched.requests_cancelled - cancelled <= 12  # at most the 12 that hung up (a one-token reply may end first)
+    assert_kv_matches_slots(batched)
+    metrics = Metrics()
+    metrics.watch_engine("m", batched)
+    text = metrics.render().decode()
+    assert 'adaptserve_engine_slots_busy{model="m"} 0.0' in text
+    assert f'adaptserve_engine_slots{{model="m"}} {float(N_SLOTS)}' in text
+
+
+def test_repeated_system_prompt_hits_the_prefix_cache(batched: LlamaCppEngine) -> None:
+    # unique to this test, so no slot holds it yet; long enough that another slot's copy beats recomputing it
+    system = f"You answer questions about report {time.time_ns()}. " + "Numbers are in millions of dollars. " * 12
+    n_system = len(chat(batched, "", system)) - len(chat(batched, ""))
+    assert n_system > 2 * batched.prefill_chunk
+
+    def hits(run: Callable[[], str]) -> tuple[int, str]:
+        before = batched.cached_prompt_tokens
+        text = run()
+        return batched.cached_prompt_tokens - before, text
+
+    first = chat(batched, "What was revenue?", system)
+    second = chat(batched, "What were costs?", system)
+    cold, _ = hits(lambda: asyncio.run(batched.complete(first, GREEDY)).text)
+    warm, alone = hits(lambda: asyncio.run(batched.complete(second, GREEDY)).text)
+    assert cold < n_system <= warm  # the second reuses the first's cells in the same slot
+
+    async def beside_a_running_request() -> str:
+        # the first occupies the slot holding the system prompt; the second gets a copy of its cells
+        running = batched.submit(first, SamplingParams(max_tokens=64, temperature=0)).events()
+        await anext(running)
+        text = (await batched.complete(second, GREEDY)).text
+        await running.aclose()
+        return text
+
+    copied, beside = hits(lambda: asyncio.run(beside_a_running_request()))
+    assert copied >= n_system and beside == alone
+    wait_idle(batched)
+    assert_kv_matches_slots(batched)
+    metrics = Metrics()
+    metrics.watch_engine("m", batched)
+    ratio = next(
+        line for line in metrics.render().decode().splitlines() if line.startswith("adaptserve_engine_prefix_cache_hit_ratio{")
+    )
+    assert 0 < float(ratio.rsplit(" ", 1)[1]) < 1

@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptserve import finqa
 from adaptserve.models import ModelSpec, default_models, resolve
 from adaptserve.serve.engine import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_SLOTS,
     EngineBusy,
     EngineError,
     Finished,
@@ -64,10 +66,12 @@ class ServeConfig:
     models: list[str] = field(default_factory=default_models)
     host: str = "127.0.0.1"
     port: int = 8000
-    n_ctx: int = 4096
+    n_ctx: int = 4096  # context window of each slot (prompt + completion)
     n_threads: int | None = None  # None: llama.cpp's default (all physical cores)
     max_tokens_cap: int = 2048
-    queue_size: int = 64
+    queue_size: int = 64  # requests that may wait per model while all its slots are busy
+    n_slots: int = DEFAULT_SLOTS  # requests per model decoded together (continuous batching)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per decode step beside the running sequences
     ui: bool = True
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
 
@@ -111,7 +115,14 @@ class ModelPool:
 
     def load(self) -> None:
         for spec in self.specs:
-            engine = LlamaCppEngine(self._runnable(spec), self.config.n_ctx, self.config.n_threads, self.config.queue_size)
+            engine = LlamaCppEngine(
+                self._runnable(spec),
+                self.config.n_ctx,
+                self.config.n_threads,
+                self.config.queue_size,
+                n_slots=self.config.n_slots,
+                prefill_chunk=self.config.prefill_chunk,
+            )
             self.engines[spec.name] = engine
             self.metrics.watch_engine(spec.name, engine)
 

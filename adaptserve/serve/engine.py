@@ -1,29 +1,41 @@
-"""llama.cpp engine: owns one GGUF model, its request queue and its sampling.
+"""llama.cpp engine: owns one GGUF model, its request queue, its batch scheduler and its sampling.
 
 The HTTP layer never touches the model. It tokenizes through the engine, submits a prompt with
-`SamplingParams`, and reads `TextDelta`s then one `Finished` from the returned `Generation`. A single worker
-thread runs the requests in arrival order, so llama.cpp state is never shared between requests;
-ctypes drops the GIL during decode, so the event loop keeps serving HTTP meanwhile.
+`SamplingParams`, and reads `TextDelta`s then one `Finished` from the returned `Generation`. One worker
+thread owns all llama.cpp state and runs continuous batching: queued requests are admitted into free KV
+slots (see `kvslots.py`), prompts are prefilled a chunk per step, and every running sequence advances one
+token per `llama_decode`, each sampled from its own logits row with its own sampler. ctypes drops the GIL
+during decode, so the event loop keeps serving HTTP meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import logging
 import queue
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llama_cpp
+from llama_cpp import _internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from adaptserve.models import ModelSpec
+from adaptserve.serve.kvslots import Feed, KVSlots, Slot
 
 log = logging.getLogger(__name__)
+
+# Measured on 2 cores (benchmarks/results/batching): aggregate decode throughput stops growing at about 4
+# sequences, while each slot holds n_ctx tokens of KV. Prefill runs as fast in chunks of 64 as in larger ones,
+# and a smaller chunk stalls the running streams less while a long prompt goes in.
+DEFAULT_SLOTS = 4
+DEFAULT_PREFILL_CHUNK = 64
+_UNUSED_CTX = 256  # the Llama's own context: never decoded on, see LlamaCppEngine.__init__
 
 
 class EngineError(RuntimeError):
@@ -144,25 +156,84 @@ class StopMatcher:
         return out
 
 
-class LlamaCppEngine:
-    """One GGUF model on CPU (or whatever llama.cpp was built for) behind a FIFO request queue."""
+@dataclass
+class _Sequence:
+    """An admitted request: the slot it decodes in, its sampler, and its streaming state."""
 
-    def __init__(self, spec: ModelSpec, n_ctx: int = 4096, n_threads: int | None = None, queue_size: int = 64) -> None:
+    job: _Job
+    slot: Slot
+    sampler: _internals.LlamaSampler
+    limit: int  # completion tokens it may have
+    pending: list[int]  # prompt tokens not decoded yet
+    stops: StopMatcher
+    started: float
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    next_token: int = -1  # sampled, to be decoded in the next step
+    n: int = 0
+    first_token_at: float | None = None
+    cut: bool = False  # a stop string ended it
+
+
+def _sampler(params: SamplingParams) -> _internals.LlamaSampler:
+    """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p, penalties)."""
+    sampler = _internals.LlamaSampler()
+    if params.temperature == 0:
+        sampler.add_greedy()
+        return sampler
+    sampler.add_top_p(params.top_p, 1)
+    sampler.add_temp(params.temperature)
+    sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+    return sampler
+
+
+class LlamaCppEngine:
+    """One GGUF model on CPU (or whatever llama.cpp was built for): a bounded FIFO queue in front of `n_slots`
+    sequences that decode together, each with a context window of `n_ctx` tokens.
+
+    `prefill_chunk` caps the prompt tokens one decode step takes beside the running sequences' one token each,
+    so a long prompt delays the running streams by a chunk per step rather than by its whole prefill.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        queue_size: int = 64,
+        n_slots: int = DEFAULT_SLOTS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
         self.name = spec.name
         self.spec = spec
-        # n_threads_batch too: left alone it takes every core, and prompt processing stalls when one is busy.
+        # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
+        # so the Llama's own context is left at the smallest size. n_threads_batch too: left alone it takes
+        # every core, and prompt processing stalls when one is busy.
         self.llm = llama_cpp.Llama(
-            model_path=str(spec.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+            model_path=str(spec.path), n_ctx=_UNUSED_CTX, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
         )
-        self.n_ctx = self.llm.n_ctx()
+        self.prefill_chunk = prefill_chunk
+        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=prefill_chunk + n_slots)
+        self.n_ctx = self.slots.n_ctx
+        self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
         self._chat = self._chat_formatter()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._stopping = threading.Event()
         # Written by the worker only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
         self.tokens_generated = 0
         self.requests_cancelled = 0
         self._worker = threading.Thread(target=self._work, name=f"engine-{self.name}", daemon=True)
         self._worker.start()
-        log.info("loaded %s (%s) n_ctx=%d chat_template=%s", self.name, spec.location, self.n_ctx, self._chat is not None)
+        log.info(
+            "loaded %s (%s) slots=%d n_ctx=%d per slot prefill_chunk=%d chat_template=%s",
+            self.name,
+            spec.location,
+            n_slots,
+            self.n_ctx,
+            prefill_chunk,
+            self._chat is not None,
+        )
 
     # ---- prompt side: runs on the caller's thread, touches only the tokenizer ----
 
@@ -232,8 +303,26 @@ class LlamaCppEngine:
     def queue_depth(self) -> int:
         return self._jobs.qsize()
 
+    # Slot occupancy and prefix-cache counters, for /metrics
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots.slots)
+
+    @property
+    def slots_busy(self) -> int:
+        return self.slots.busy
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.slots.prompt_tokens
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return self.slots.cached_prompt_tokens
+
     def close(self) -> None:
-        """Stop the worker after the job in hand and free the model."""
+        """Stop the worker after the decode step in hand (running requests fail) and free the model."""
+        self._stopping.set()
         while True:  # drop queued jobs so shutdown does not wait for them
             try:
                 job = self._jobs.get_nowait()
@@ -241,57 +330,104 @@ class LlamaCppEngine:
                 break
             if job is not None:
                 job.emit(Failed("server shutting down"))
-        self._jobs.put(None)
+        self._jobs.put(None)  # wakes a worker waiting for work
         self._worker.join(timeout=30)
+        self.slots.close()
         self.llm.close()
         log.info("closed %s", self.name)
 
-    # ---- worker thread ----
+    # ---- worker thread: the scheduler ----
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
+        while not self._stopping.is_set():
+            self._admit(running)
+            try:
+                self._step(running)
+            except Exception as err:  # a failed decode leaves every sequence in it unusable, not the worker
+                log.exception("decode step failed on %s", self.name)
+                self._fail(running, f"{type(err).__name__}: {err}")
+        self._fail(running, "server shutting down")
+
+    def _admit(self, running: list[_Sequence]) -> None:
+        """Move queued jobs into free slots; wait for one only when nothing is running."""
+        while self.slots.has_free():
+            try:
+                job = self._jobs.get(block=not running)
+            except queue.Empty:
+                return
+            if job is None:  # close() is waking us
+                return
             if job.cancelled.is_set():
                 self.requests_cancelled += 1
                 continue
             try:
-                self._generate(job)
+                running.append(self._start(job))
             except Exception as err:  # a broken request must not kill the worker
-                log.exception("generation failed on %s", self.name)
+                log.exception("could not start a generation on %s", self.name)
                 job.emit(Failed(f"{type(err).__name__}: {err}"))
 
-    def _generate(self, job: _Job) -> None:
-        params, llm = job.params, self.llm
-        limit = self.budget(job.prompt, params.max_tokens)
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        started, first_token_at = time.perf_counter(), None
-        n, reason, cut = 0, "length", False
-        # top_k=0 and min_p=0 switch those filters off, so temperature/top_p mean what OpenAI clients expect.
-        tokens = llm.generate(job.prompt, temp=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0)
-        for token in tokens:
-            if job.cancelled.is_set():
-                reason = "cancelled"
-                self.requests_cancelled += 1
-                break
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                reason = "stop"
-                break
-            n += 1
-            self.tokens_generated += 1
-            first_token_at = first_token_at or time.perf_counter()
-            text, cut = stops.push(decoder.decode(llm.detokenize([token])))
-            if text:
-                job.emit(TextDelta(text))
-            if cut:
-                reason = "stop"
-                break
-            if n >= limit:
-                break
-        tokens.close()
-        if not cut:  # text held back as a possible stop-string prefix is real output after all
-            tail = stops.flush() + decoder.decode(b"", final=True)
+    def _start(self, job: _Job) -> _Sequence:
+        if not job.prompt:
+            raise ValueError("the prompt is empty: there is nothing to continue from")
+        limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
+        # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
+        slot, cached = self.slots.acquire(job.prompt, min_copy=self.prefill_chunk)
+        return _Sequence(job, slot, sampler, limit, job.prompt[cached:], StopMatcher(job.params.stop), time.perf_counter())
+
+    def _step(self, running: list[_Sequence]) -> None:
+        """One llama_decode: each running sequence's next token, plus up to `prefill_chunk` prompt tokens."""
+        for seq in [s for s in running if s.job.cancelled.is_set()]:
+            self.requests_cancelled += 1
+            self._finish(running, seq, "cancelled")
+        feeds, fed, budget = [], [], self.prefill_chunk
+        for seq in running:
+            if not seq.pending:
+                feeds.append(Feed(seq.slot, (seq.next_token,), logits=True))
+            elif budget > 0:
+                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+                budget -= len(chunk)
+                feeds.append(Feed(seq.slot, chunk, logits=not seq.pending))
+            else:
+                continue
+            fed.append(seq)
+        if not feeds:
+            return
+        for seq, row in zip(fed, self.slots.decode(feeds), strict=True):
+            if row >= 0:
+                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+
+    def _advance(self, running: list[_Sequence], seq: _Sequence, token: int) -> None:
+        if self._eog(token):
+            self._finish(running, seq, "stop")
+            return
+        seq.n += 1
+        self.tokens_generated += 1
+        seq.first_token_at = seq.first_token_at or time.perf_counter()
+        text, seq.cut = seq.stops.push(seq.decoder.decode(self.llm.detokenize([token])))
+        if text:
+            seq.job.emit(TextDelta(text))
+        if seq.cut:
+            self._finish(running, seq, "stop")
+        elif seq.n >= seq.limit:
+            self._finish(running, seq, "length")
+        else:
+            seq.next_token = token
+
+    def _finish(self, running: list[_Sequence], seq: _Sequence, reason: str) -> None:
+        running.remove(seq)
+        self.slots.release(seq.slot)
+        seq.sampler.close()
+        if not seq.cut:  # text held back as a possible stop-string prefix is real output after all
+            tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
             if tail:
-                job.emit(TextDelta(tail))
-        ttft = first_token_at - started if first_token_at else None
-        job.emit(Finished(reason, len(job.prompt), n, ttft))
+                seq.job.emit(TextDelta(tail))
+        ttft = seq.first_token_at - seq.started if seq.first_token_at else None
+        seq.job.emit(Finished(reason, len(seq.job.prompt), seq.n, ttft))
+
+    def _fail(self, running: list[_Sequence], message: str) -> None:
+        for seq in running:
+            self.slots.reset(seq.slot)
+            seq.sampler.close()
+            seq.job.emit(Failed(message))
+        running.clear()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,23 +62,57 @@ class EngineStats(Protocol):
     queue_depth: int
     tokens_generated: int
     requests_cancelled: int
+    n_slots: int
+    slots_busy: int
+    prompt_tokens: int  # prompt tokens of the requests admitted into a slot
+    cached_prompt_tokens: int  # those of them found in the prefix cache, not computed again
+
+
+ENGINE_METRICS: list[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, Callable[[EngineStats], float]]] = [
+    (CounterMetricFamily, "adaptserve_engine_generated_tokens", "Tokens the engine decoded", lambda e: e.tokens_generated),
+    (
+        CounterMetricFamily,
+        "adaptserve_engine_cancelled_requests",
+        "Requests dropped because their client left",
+        lambda e: e.requests_cancelled,
+    ),
+    (
+        CounterMetricFamily,
+        "adaptserve_engine_prompt_tokens",
+        "Prompt tokens of the requests admitted into a slot",
+        lambda e: e.prompt_tokens,
+    ),
+    (
+        CounterMetricFamily,
+        "adaptserve_engine_prefix_cache_hit_tokens",
+        "Prompt tokens reused from the prefix cache instead of computed",
+        lambda e: e.cached_prompt_tokens,
+    ),
+    (
+        GaugeMetricFamily,
+        "adaptserve_engine_prefix_cache_hit_ratio",
+        "Prefix cache hit tokens / prompt tokens since start",
+        lambda e: e.cached_prompt_tokens / max(e.prompt_tokens, 1),
+    ),
+    (GaugeMetricFamily, "adaptserve_engine_slots", "Sequences the engine decodes together", lambda e: e.n_slots),
+    (GaugeMetricFamily, "adaptserve_engine_slots_busy", "Slots running a request", lambda e: e.slots_busy),
+]
 
 
 class _EngineCounters(Collector):
-    """Counters the engine worker keeps itself, so generations nobody waits for any more are counted too."""
+    """Counters and gauges the engine worker keeps itself, so generations nobody waits for any more are counted too."""
 
     def __init__(self) -> None:
         self.watched: dict[str, EngineStats] = {}
 
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        generated = CounterMetricFamily("adaptserve_engine_generated_tokens", "Tokens the engine decoded", labels=["model"])
-        cancelled = CounterMetricFamily(
-            "adaptserve_engine_cancelled_requests", "Requests dropped because their client left", labels=["model"]
-        )
-        for model, engine in self.watched.items():
-            generated.add_metric([model], engine.tokens_generated)
-            cancelled.add_metric([model], engine.requests_cancelled)
-        return [generated, cancelled]
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        families = []
+        for kind, name, documentation, value in ENGINE_METRICS:
+            family = kind(name, documentation, labels=["model"])
+            for model, engine in self.watched.items():
+                family.add_metric([model], value(engine))
+            families.append(family)
+        return families
 
 
 class MetricsMiddleware:

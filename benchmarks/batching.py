@@ -1,0 +1,198 @@
+"""Continuous batching: aggregate output tokens/s through LlamaCppEngine at 1, 2, 4 and 8 concurrent clients.
+
+    .venv/bin/python benchmarks/batching.py --out benchmarks/results/batching
+
+For each slot count the default GGUF is loaded into its own engine, all with the same threads; `--slots 1` is the
+one-request-at-a-time engine this repo had before batching. Each client sends `--requests` greedy completions back
+to back, each a distinct prompt (so the prefix cache does not help) and `--max-tokens` long. Every level is measured
+`--rounds` times, interleaved across slot counts, and the fastest round is reported. Writes `<out>/results.json` and
+`<out>/results.md`. Timings mean something only on an otherwise idle machine: the CPU that other processes used is recorded
+for every level, so a disturbed run shows as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from adaptserve.bench.run import machine_info
+from adaptserve.models import resolve
+from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, LlamaCppEngine, SamplingParams, TextDelta
+
+log = logging.getLogger("benchmarks.batching")
+DISTURBED_CORES = 0.1  # CPU used by other processes during a level, above which its timing is suspect
+
+
+@dataclass(frozen=True)
+class Level:
+    slots: int
+    clients: int
+    requests: int
+    output_tokens: int
+    wall_seconds: float
+    tokens_per_second: float  # aggregate: all clients' output tokens over the level's wall time
+    per_request_tokens_per_second: float  # what one client sees, on average, first token included
+    mean_ttft: float  # seconds from submitting to the first token (queueing included), averaged
+    other_cores: float | None  # cores kept busy by anything but this process during the level (Linux only)
+
+
+async def _client(engine: LlamaCppEngine, client: int, requests: int, params: SamplingParams) -> list[tuple[int, float, float]]:
+    """(completion tokens, seconds, time to first token) of each request, sent one after another.
+
+    Times are the client's: from submitting, so time spent queued for a slot counts.
+    """
+    results = []
+    for i in range(requests):
+        prompt = engine.tokenize(f"Chapter {client * requests + i + 1}. The old lighthouse keeper")
+        tick, first = time.perf_counter(), None
+        async for event in engine.submit(prompt, params).events():
+            if isinstance(event, TextDelta):
+                first = first or time.perf_counter()
+            else:
+                results.append((event.completion_tokens, time.perf_counter() - tick, (first or tick) - tick))
+    return results
+
+
+def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int) -> Level:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    busy, own = _busy_cpu_seconds(), time.process_time()
+
+    async def run() -> list[tuple[int, float, float]]:
+        per_client = await asyncio.gather(*(_client(engine, c, requests, params) for c in range(clients)))
+        return [r for rs in per_client for r in rs]
+
+    tick = time.perf_counter()
+    results = asyncio.run(run())
+    wall = time.perf_counter() - tick
+    other = None if busy is None else (_busy_cpu_seconds() - busy - (time.process_time() - own)) / wall
+    tokens = sum(n for n, _, _ in results)
+    return Level(
+        slots=engine.n_slots,
+        clients=clients,
+        requests=len(results),
+        output_tokens=tokens,
+        wall_seconds=round(wall, 2),
+        tokens_per_second=round(tokens / wall, 1),
+        per_request_tokens_per_second=round(sum(n / s for n, s, _ in results) / len(results), 1),
+        mean_ttft=round(sum(t for _, _, t in results) / len(results), 3),
+        other_cores=None if other is None else round(max(other, 0.0), 2),
+    )
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (steal included), from /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def run_rounds(
+    engines: list[LlamaCppEngine], clients: list[int], rounds: int, requests: int, max_tokens: int
+) -> dict[tuple[int, int], list[Level]]:
+    """Every (slots, clients) level `rounds` times; a round goes over every engine in turn, so a disturbance hits
+    all configurations alike rather than one."""
+    for engine in engines:
+        measure(engine, 1, 1, 8)  # warm-up: first graph allocation and page faults stay out of the timings
+    levels: dict[tuple[int, int], list[Level]] = {}
+    for _ in range(rounds):
+        for n in clients:
+            for engine in engines:
+                level = measure(engine, n, requests, max_tokens)
+                levels.setdefault((engine.n_slots, n), []).append(level)
+                log.info("%s", level)
+    return levels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--slots", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=3, help="each level is measured this often; the fastest counts")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/batching")
+    parser.add_argument("--note", default="", help="what else was going on, for the report")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    spec = resolve(args.model)
+    engines = {
+        slots: LlamaCppEngine(spec, n_ctx=512, n_threads=args.threads, n_slots=slots, prefill_chunk=args.prefill_chunk)
+        for slots in args.slots
+    }
+    rounds = run_rounds(list(engines.values()), args.clients, args.rounds, args.requests, args.max_tokens)
+    for engine in engines.values():
+        engine.close()
+    # The fastest round is the least disturbed one.
+    levels = [max(rounds[key], key=lambda lv: lv.tokens_per_second) for key in sorted(rounds)]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "model": spec.name,
+        "gguf": spec.path.name,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "machine": machine_info(),
+        "rounds": args.rounds,
+        "note": args.note,
+        "levels": [asdict(level) for level in levels],
+        "all_rounds_tokens_per_second": {
+            f"{s} slots, {c} clients": [lv.tokens_per_second for lv in lvs] for (s, c), lvs in sorted(rounds.items())
+        },
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(summary))
+    log.info("wrote %s", out)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    single = {lv["slots"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
+    unbatched = {lv["clients"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["slots"] == 1}
+    lines = [
+        f"`{summary['gguf']}` through `LlamaCppEngine`, {summary['threads']} threads, greedy, {summary['max_tokens']} "
+        f"output tokens per request, on {summary['machine']['cpu']} ({summary['machine']['cores']} cores); "
+        f"fastest of {summary['rounds']} interleaved rounds. 1 slot is the engine before batching (one request at a time).",
+        "",
+        *([summary["note"], ""] if summary.get("note") else []),
+        "| slots | clients | aggregate tok/s | vs 1 client | vs 1 slot | per-request tok/s | mean TTFT (s) | other CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in summary["levels"]:
+        lines.append(
+            f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
+            f"{_ratio(lv['tokens_per_second'], single.get(lv['slots']))} | "
+            f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
+            f"{lv['mean_ttft']} | {lv['other_cores']} |"
+        )
+    spread = max(max(v) / min(v) - 1 for v in summary["all_rounds_tokens_per_second"].values())
+    lines += ["", f"Rounds of one level differed by up to {spread:.0%} (every round is in results.json)."]
+    busiest = max((lv["other_cores"] or 0.0) for lv in summary["levels"])
+    if busiest > DISTURBED_CORES:
+        lines += [
+            "",
+            f"Other processes kept up to {busiest:.2f} cores busy during a level, so these timings are disturbed. "
+            "Re-run on an idle machine for numbers to quote.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+if __name__ == "__main__":
+    main()
