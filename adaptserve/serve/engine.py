@@ -26,7 +26,7 @@ from llama_cpp import _internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from adaptserve.models import ModelSpec
-from adaptserve.serve.kvslots import Feed, KVSlots, Slot
+from adaptserve.serve.kvslots import Feed, KVSlots, Slot, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class _Sequence:
     limit: int  # completion tokens it may have
     pending: list[int]  # prompt tokens not decoded yet
     stops: StopMatcher
-    started: float
+    started: float  # taken off the queue
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     next_token: int = -1  # sampled, to be decoded in the next step
     n: int = 0
@@ -190,7 +190,7 @@ class LlamaCppEngine:
     """One GGUF model on CPU (or whatever llama.cpp was built for): a bounded FIFO queue in front of `n_slots`
     sequences that decode together, each with a context window of `n_ctx` tokens.
 
-    `prefill_chunk` caps the prompt tokens one decode step takes beside the running sequences' one token each,
+    `prefill_chunk` caps the prompt tokens one scheduling step takes beside the running sequences' one token each,
     so a long prompt delays the running streams by a chunk per step rather than by its whole prefill.
     """
 
@@ -203,8 +203,8 @@ class LlamaCppEngine:
         n_slots: int = DEFAULT_SLOTS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be at least 1")
+        if prefill_chunk < 3:  # a prompt's last chunk holds two tokens or more (see kvslots.py)
+            raise ValueError("prefill_chunk must be at least 3")
         self.name = spec.name
         self.spec = spec
         # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
@@ -214,11 +214,12 @@ class LlamaCppEngine:
             model_path=str(spec.path), n_ctx=_UNUSED_CTX, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
         )
         self.prefill_chunk = prefill_chunk
-        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=prefill_chunk + n_slots)
+        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots))
         self.n_ctx = self.slots.n_ctx
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
         self._chat = self._chat_formatter()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._held: list[tuple[_Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
         self._stopping = threading.Event()
         # Written by the worker only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
         self.tokens_generated = 0
@@ -301,7 +302,7 @@ class LlamaCppEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize()
+        return self._jobs.qsize() + len(self._held)
 
     # Slot occupancy and prefix-cache counters, for /metrics
     @property
@@ -348,9 +349,14 @@ class LlamaCppEngine:
                 log.exception("decode step failed on %s", self.name)
                 self._fail(running, f"{type(err).__name__}: {err}")
         self._fail(running, "server shutting down")
+        for job, _ in self._held:
+            job.emit(Failed("server shutting down"))
 
     def _admit(self, running: list[_Sequence]) -> None:
-        """Move queued jobs into free slots; wait for one only when nothing is running."""
+        """Start jobs in free slots: held-back ones first, then queued ones; wait for a job only when nothing runs."""
+        held, self._held = self._held, []
+        for job, dequeued in held:
+            self._place(job, dequeued, running)
         while self.slots.has_free():
             try:
                 job = self._jobs.get(block=not running)
@@ -358,42 +364,63 @@ class LlamaCppEngine:
                 return
             if job is None:  # close() is waking us
                 return
-            if job.cancelled.is_set():
-                self.requests_cancelled += 1
-                continue
+            self._place(job, time.perf_counter(), running)
+
+    def _place(self, job: _Job, dequeued: float, running: list[_Sequence]) -> None:
+        if job.cancelled.is_set():
+            self.requests_cancelled += 1
+        elif not self.slots.has_free() or self._awaits_prefix(job, running):
+            self._held.append((job, dequeued))
+        else:
             try:
-                running.append(self._start(job))
+                running.append(self._start(job, dequeued))
             except Exception as err:  # a broken request must not kill the worker
                 log.exception("could not start a generation on %s", self.name)
                 job.emit(Failed(f"{type(err).__name__}: {err}"))
 
-    def _start(self, job: _Job) -> _Sequence:
+    def _awaits_prefix(self, job: _Job, running: list[_Sequence]) -> bool:
+        """Whether a running prompt is still prefilling a prefix it shares with this one, a chunk longer than any
+        slot holds yet: requests that arrive together (FinQA with the same exemplars) then compute it only once."""
+        have = max(slot.prefix(job.prompt) for slot in self.slots.slots)
+        for seq in running:
+            shared = common_prefix(seq.job.prompt, job.prompt)
+            if seq.pending and shared >= have + self.prefill_chunk and len(seq.slot.cached) < shared:
+                return True
+        return False
+
+    def _start(self, job: _Job, dequeued: float) -> _Sequence:
         if not job.prompt:
             raise ValueError("the prompt is empty: there is nothing to continue from")
         limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
         slot, cached = self.slots.acquire(job.prompt, min_copy=self.prefill_chunk)
-        return _Sequence(job, slot, sampler, limit, job.prompt[cached:], StopMatcher(job.params.stop), time.perf_counter())
+        return _Sequence(job, slot, sampler, limit, job.prompt[cached:], StopMatcher(job.params.stop), dequeued)
 
     def _step(self, running: list[_Sequence]) -> None:
-        """One llama_decode: each running sequence's next token, plus up to `prefill_chunk` prompt tokens."""
+        """Each running sequence's next token, in one llama_decode, then up to `prefill_chunk` prompt tokens.
+
+        A prompt chunk gets a llama_decode of its own: in the same call as other sequences' tokens, llama.cpp's
+        micro-batching took one of its tokens in with theirs, decoded like a lone token (see kvslots.py).
+        """
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1
             self._finish(running, seq, "cancelled")
-        feeds, fed, budget = [], [], self.prefill_chunk
-        for seq in running:
-            if not seq.pending:
-                feeds.append(Feed(seq.slot, (seq.next_token,), logits=True))
-            elif budget > 0:
-                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
-                budget -= len(chunk)
-                feeds.append(Feed(seq.slot, chunk, logits=not seq.pending))
-            else:
-                continue
-            fed.append(seq)
-        if not feeds:
-            return
-        for seq, row in zip(fed, self.slots.decode(feeds), strict=True):
+        # in slot order: llama.cpp micro-batches only consecutive sequence ids together
+        decoding = sorted((s for s in running if not s.pending), key=lambda s: s.slot.seq_id)
+        if decoding:
+            rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
+            for seq, row in zip(decoding, rows, strict=True):
+                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+        budget = self.prefill_chunk
+        for seq in [s for s in running if s.pending]:
+            take = min(budget, len(seq.pending))
+            if len(seq.pending) - take == 1:
+                take -= 1  # never leave a lone last token
+            if take < min(2, len(seq.pending)):
+                continue  # only a one-token prompt is decoded a token at a time
+            chunk, seq.pending = seq.pending[:take], seq.pending[take:]
+            budget -= take
+            (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending)])
             if row >= 0:
                 self._advance(running, seq, self.slots.sample(seq.sampler, row))
 

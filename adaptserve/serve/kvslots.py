@@ -1,14 +1,24 @@
 """KV slots: one llama.cpp context with a KV stream per concurrent sequence, and what each stream holds.
 
-Each slot is a llama.cpp sequence id with its own KV stream (`kv_unified=False`), so a sequence attends over
-its cells in the same layout as when it runs alone, and its greedy output is the same token for token beside
-other sequences (checked on 9 prompts, staggered, with and without flash attention). With one unified cache
-the sequences' cells interleave, the attention sums run in another order, and near-ties flip: 3 to 5 of the
-same 9 prompts changed. Flash attention (llama.cpp's "auto" picks it on CPU) decoded 15-40% faster here.
+The settings keep a sequence's output the same token for token whether it runs alone or beside others; each was
+measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), comparing logits bit for bit:
 
-A slot keeps its tokens' K/V after its request ends: that is the prefix cache. A new prompt goes to the free
-slot holding the longest prefix of it, or gets a copy of another slot's stream when that one holds a much
-longer prefix (a shared system prompt or FinQA exemplars still in use by a running request).
+- One KV stream per slot (`kv_unified=False`): with one unified cache the sequences' cells interleave, the
+  attention sums run in another order, and 3 of the 9 greedy outputs changed.
+- Flash attention off: with it, a sequence's logits changed (by up to 1.2) whenever another sequence decoded in
+  the same step, and with the chunking of its own prompt (up to 0.6). Without it both were bit-identical. It
+  costs some speed: flash attention decoded 7-18% faster here.
+- Prompt tokens only in calls of two or more: a token decoded on its own (as every generated token is) got
+  slightly different K/V than the same token in a longer call, and a reply diverged ten tokens later. So a
+  prompt's last chunk is never a single token, a fully cached prompt still has its last two tokens decoded again,
+  and a finished request keeps only its prompt's cells for reuse; its reply's cells are freed at once.
+- Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
+  ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights.
+
+A slot keeps its prompt's K/V after its request ends: that is the prefix cache. A new prompt goes to the free
+slot holding the longest prefix of it (the lowest such slot, so busy slots stay packed), or gets a copy of another
+slot's cells when that one holds a much longer prefix (a shared system prompt or FinQA exemplars still in use by
+a running request).
 """
 
 from __future__ import annotations
@@ -24,8 +34,12 @@ from llama_cpp import _internals
 class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose K/V sit in this stream at positions 0..n-1
+    reusable: int = 0  # how many of those a later prompt may reuse: the ones decoded as part of a prompt
     busy: bool = False
-    released_at: int = 0  # release counter: among equal prefixes, the least recently used slot is overwritten
+
+    def prefix(self, prompt: Sequence[int]) -> int:
+        """How much of `prompt` this slot holds in reusable cells."""
+        return common_prefix(self.cached[: self.reusable], prompt)
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class KVSlots:
-    """`n_slots` sequences of up to `n_ctx` tokens each, decoded together, `max_batch` tokens per decode at most."""
+    """`n_slots` sequences of up to `n_ctx` tokens each, `max_batch` tokens per llama_decode at most."""
 
     def __init__(self, llm: llama_cpp.Llama, n_slots: int, n_ctx: int, max_batch: int) -> None:
         if not 1 <= n_slots <= llama_cpp.llama_max_parallel_sequences():
@@ -55,15 +69,14 @@ class KVSlots:
         # Start from the Llama's own settings (threads, RoPE) and change only what batching needs.
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx, params.n_seq_max = n_ctx * n_slots, n_slots
-        params.n_batch = params.n_ubatch = max_batch  # llama.cpp splits a step by sequence only, never for size
+        params.n_batch = params.n_ubatch = max_batch  # llama.cpp splits a call by sequence only, never for size
         params.kv_unified = False
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=max_batch, embd=0, n_seq_max=1, verbose=False)
         self.slots = [Slot(i) for i in range(n_slots)]
-        self._releases = 0
         # Written by the worker only; read by /metrics.
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
@@ -82,23 +95,23 @@ class KVSlots:
         time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `min_copy` tokens of prefill.
         """
         free = [s for s in self.slots if not s.busy]
-        slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.released_at))
-        keep = common_prefix(slot.cached, prompt)
-        donor = max(self.slots, key=lambda s: common_prefix(s.cached, prompt))
-        if (shared := common_prefix(donor.cached, prompt)) >= keep + min_copy:
+        slot = max(free, key=lambda s: (s.prefix(prompt), -s.seq_id))
+        keep = slot.prefix(prompt)
+        donor = max(self.slots, key=lambda s: s.prefix(prompt))
+        if (shared := donor.prefix(prompt)) >= keep + min_copy:
             llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached, keep = list(donor.cached), shared
-        keep = max(min(keep, len(prompt) - 1), 0)  # the last prompt token is decoded again: its logits start the reply
+        keep = max(min(keep, len(prompt) - 2), 0)  # the last two go again, together: their logits start the reply
         self._truncate(slot, keep)
-        slot.busy = True
+        slot.busy, slot.reusable = True, len(prompt) if len(prompt) > 1 else 0
         self.prompt_tokens += len(prompt)
         self.cached_prompt_tokens += keep
         return slot, keep
 
     def release(self, slot: Slot) -> None:
-        """The slot takes new requests; its cells stay as a prefix cache until a new request trims them."""
-        self._releases += 1
-        slot.busy, slot.released_at = False, self._releases
+        """The slot takes new requests. Its prompt's cells stay as a prefix cache; the reply's are freed now."""
+        self._truncate(slot, min(slot.reusable, len(slot.cached)))
+        slot.busy = False
 
     def reset(self, slot: Slot) -> None:
         """Forget what a slot holds (after a failed decode its cells cannot be trusted)."""
@@ -110,7 +123,10 @@ class KVSlots:
         del slot.cached[n:]
 
     def decode(self, feeds: Sequence[Feed]) -> list[int]:
-        """Append every feed's tokens in one llama_decode; returns each feed's logits row (-1 where not asked)."""
+        """Append every feed's tokens in one llama_decode; returns each feed's logits row (-1 where not asked).
+
+        The rows are valid until the next call.
+        """
         batch, rows, n = self._batch.batch, [], 0
         for feed in feeds:
             start = len(feed.slot.cached)
