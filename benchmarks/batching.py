@@ -5,7 +5,9 @@
 For each slot count the default GGUF is loaded into its own engine, all with the same threads; `--slots 1` is the
 one-request-at-a-time engine this repo had before batching. Each client sends `--requests` greedy completions back
 to back, each a distinct prompt (so the prefix cache does not help) and `--max-tokens` long. Every level is measured
-`--rounds` times, interleaved across slot counts, and the fastest round is reported. Writes `<out>/results.json` and
+`--rounds` times, interleaved across slot counts, and the fastest round is reported. Beside the engine levels,
+the ceiling: llama_decode alone on the same context settings (KVSlots), B sequences advancing one token per call, no
+sampling or Python around it; the engine's batched rate is judged against it. Writes `<out>/results.json` and
 `<out>/results.md`. Timings mean something only on an otherwise idle machine: the CPU that other processes used is recorded
 for every level, so a disturbed run shows as one.
 """
@@ -25,6 +27,7 @@ from typing import Any
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
 from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, LlamaCppEngine, SamplingParams, TextDelta
+from adaptserve.serve.kvslots import Feed, KVSlots
 
 log = logging.getLogger("benchmarks.batching")
 DISTURBED_CORES = 0.1  # CPU used by other processes during a level, above which its timing is suspect
@@ -86,6 +89,23 @@ def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int
     )
 
 
+def decode_ceiling(engine: LlamaCppEngine, batch_sizes: list[int], steps: int = 48) -> dict[int, float]:
+    """Tokens/s of bare llama_decode calls with B sequences of one token each, on a context set up as the engine's."""
+    slots = KVSlots(engine.llm, max(batch_sizes), n_ctx=512, max_batch=max(DEFAULT_PREFILL_CHUNK, *batch_sizes))
+    rates = {}
+    for size in batch_sizes:
+        held = slots.slots[:size]  # consecutive ids, as the engine keeps its busy slots
+        for slot in held:
+            slots.reset(slot)
+        slots.decode([Feed(slot, engine.tokenize(f"Sequence {slot.seq_id}: the ledger shows"), logits=False) for slot in held])
+        tick = time.perf_counter()
+        for step in range(steps):
+            slots.decode([Feed(slot, (1000 + step,), logits=True) for slot in held])
+        rates[size] = round(size * steps / (time.perf_counter() - tick), 1)
+    slots.close()
+    return rates
+
+
 def _busy_cpu_seconds() -> float | None:
     """CPU seconds every process on the machine has used since boot (steal included), from /proc/stat."""
     try:
@@ -133,6 +153,9 @@ def main() -> None:
         for slots in args.slots
     }
     rounds = run_rounds(list(engines.values()), args.clients, args.rounds, args.requests, args.max_tokens)
+    widest = engines[max(engines)]
+    sizes = sorted({1, *args.clients} & set(range(1, widest.n_slots + 1)))
+    ceilings = [decode_ceiling(widest, sizes) for _ in range(args.rounds)]
     for engine in engines.values():
         engine.close()
     # The fastest round is the least disturbed one.
@@ -150,6 +173,7 @@ def main() -> None:
         "rounds": args.rounds,
         "note": args.note,
         "levels": [asdict(level) for level in levels],
+        "decode_ceiling_tokens_per_second": {size: max(c[size] for c in ceilings) for size in sizes},
         "all_rounds_tokens_per_second": {
             f"{s} slots, {c} clients": [lv.tokens_per_second for lv in lvs] for (s, c), lvs in sorted(rounds.items())
         },
@@ -178,6 +202,16 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )
+    ceiling = summary["decode_ceiling_tokens_per_second"]
+    lines += [
+        "",
+        "The ceiling: bare `llama_decode` calls on the same context settings, B sequences one token each per call "
+        "(no sampling, no Python around it), fastest of the rounds:",
+        "",
+        "| sequences | tok/s | vs 1 |",
+        "|---|---|---|",
+        *(f"| {b} | {rate} | {_ratio(rate, ceiling.get(1))} |" for b, rate in ceiling.items()),
+    ]
     spread = max(max(v) / min(v) - 1 for v in summary["all_rounds_tokens_per_second"].values())
     lines += ["", f"Rounds of one level differed by up to {spread:.0%} (every round is in results.json)."]
     busiest = max((lv["other_cores"] or 0.0) for lv in summary["levels"])
