@@ -43,3 +43,13 @@ def test_unknown_reference_lists_known_models(ref: str) -> None:
     with pytest.raises(UnknownModelError) as err:
         resolve(ref)
     assert all(name in str(err.value) for name in known_models())
+
+
+def test_adapter_suffix_picks_its_gguf_type() -> None:
+    spec = resolve("smollm2-135m-finqa@q8_0")
+    assert (spec.name, spec.format, spec.quant) == ("smollm2-135m-finqa@q8_0", "adapter", "q8_0")
+    assert spec.location == resolve("smollm2-135m-finqa").location and resolve("smollm2-135m-finqa").quant is None
+    with pytest.raises(UnknownModelError, match="only an adapter"):
+        resolve("smollm2-135m@q8_0")  # a GGUF is served as it is
+    with pytest.raises(UnknownModelError, match="unknown model"):
+        resolve("smollm2-135m-finqa@q3_k")  # not a type we export

@@ -14,7 +14,8 @@ class BenchError(ValueError):
 @dataclass
 class BenchConfig:
     models: list[str] = field(
-        default_factory=default_models, metadata={"help": "variants to compare: served model ids (base and adapted)"}
+        default_factory=default_models,
+        metadata={"help": "variants to compare: model ids (base and adapted; an adapter@q8_0 or @f16 picks its GGUF type)"},
     )
     finqa: str = field(default="sample@test", metadata={"help": "FinQA file for accuracy, or sample@SPLIT (the shipped sample)"})
     limit: int | None = field(default=None, metadata={"help": "first N FinQA records (default: all)"})

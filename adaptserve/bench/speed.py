@@ -29,13 +29,14 @@ class Speed:
 
 
 def served_gguf(model: str, quant: str, threads: int | None) -> Path:
-    """The GGUF `adaptserve serve` runs for `model`: the file itself, or an adapter's cached merged export."""
+    """The GGUF `adaptserve serve` runs for `model`: the file itself, or an adapter's cached merged export
+    (at its @quant, else `quant`)."""
     spec = resolve(model)
     if spec.format != "adapter":
         return spec.path
     from adaptserve.export import ensure_gguf
 
-    return ensure_gguf(spec.path, quant, threads)
+    return ensure_gguf(spec.path, spec.quant or quant, threads)
 
 
 def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3) -> Speed:

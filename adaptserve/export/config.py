@@ -6,8 +6,9 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptserve.models import ADAPTER_QUANTS as QUANTS
+
 FORMATS = ("hf", "gguf", "bnb4", "lora-gguf")
-QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
 class ExportError(ValueError):

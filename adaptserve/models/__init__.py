@@ -3,7 +3,8 @@
 A reference is one of
 - a built-in name (`smollm2-135m`, `gemma3-270m`), shipped offline inside PyPI packages;
 - a shipped adapter (`smollm2-135m-finqa`, in the repo's `adapters/`) or any local PEFT adapter directory: served
-  merged into its base (see `adaptserve.export.ensure_gguf`);
+  merged into its base (see `adaptserve.export.ensure_gguf`); a suffix picks the GGUF type it is merged to
+  (`smollm2-135m-finqa@q8_0`), so one server or bench run can put several exports side by side;
 - a local `.gguf` file, or a local directory holding one `.gguf`;
 - a local Hugging Face directory (has `config.json`);
 - a Hugging Face hub id (`org/name`), for real users with a network; never needed offline.
@@ -12,6 +13,7 @@ Anything else fails with `UnknownModelError`, whose message lists what is known.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import os
@@ -24,6 +26,7 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 ModelFormat = Literal["gguf", "hf", "hub", "adapter"]
+ADAPTER_QUANTS = ("f16", "q8_0", "q4_k_m")  # GGUF types an adapter can be merged and exported to
 
 
 class UnknownModelError(ValueError):
@@ -36,6 +39,7 @@ class ModelSpec:
     format: ModelFormat
     location: str  # a file (gguf), a directory (hf, adapter) or a hub id (hub)
     description: str = ""
+    quant: str | None = None  # an adapter's GGUF type when named with @quant; None: the server's default
 
     @property
     def path(self) -> Path:
@@ -116,6 +120,12 @@ def _spec_for_path(ref: str, path: Path) -> ModelSpec | None:
 
 def resolve(ref: str) -> ModelSpec:
     """Resolve a model reference; see the module docstring for the forms accepted."""
+    adapter, _, quant = ref.rpartition("@")
+    if adapter and quant in ADAPTER_QUANTS:
+        spec = resolve(adapter)
+        if spec.format != "adapter":
+            raise UnknownModelError(f"{ref}: only an adapter takes @{quant} (it picks the GGUF type it is merged to)")
+        return dataclasses.replace(spec, name=ref, quant=quant)
     if ref in BUILTINS:
         builtin = BUILTINS[ref]
         return ModelSpec(ref, "gguf", str(builtin.locate()), builtin.description)

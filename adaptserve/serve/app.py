@@ -133,9 +133,8 @@ class ModelPool:
         from adaptserve.export import ensure_gguf
 
         self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
-        return dataclasses.replace(
-            spec, format="gguf", location=str(ensure_gguf(spec.path, self.config.adapter_quant, self.config.n_threads))
-        )
+        gguf = ensure_gguf(spec.path, spec.quant or self.config.adapter_quant, self.config.n_threads)
+        return dataclasses.replace(spec, format="gguf", location=str(gguf))
 
     def close(self) -> None:
         for engine in self.engines.values():
