@@ -102,6 +102,17 @@ def load_base_model(location: str, device: torch.device) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
 
 
+def recorded_base(path: Path) -> str:
+    """The base model an adapter directory says it was trained on."""
+    try:
+        adapter = read_adapter(path)
+    except ExportError as err:
+        raise AdapterError(str(err)) from None
+    if not adapter.recorded_base:
+        raise AdapterError(f"adapter {path} does not record its base model (base_model_name_or_path)")
+    return adapter.recorded_base
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from one row of logits: greedy at temperature 0, else nucleus sampling at that temperature."""
     if params.temperature == 0:
@@ -161,15 +172,11 @@ class HFBase:
 
     def check_adapter(self, path: Path) -> None:
         """Refuse an adapter made for another base: by the base it records, then by its tensor shapes."""
-        try:
-            adapter = read_adapter(path)
-        except ExportError as err:
-            raise AdapterError(str(err)) from None
-        recorded = adapter.recorded_base
+        recorded = recorded_base(path)
         if recorded in BUILTINS and recorded != self.spec.name:
             raise AdapterError(f"adapter {path} was trained on {recorded!r}, this server's base is {self.spec.name!r}")
         try:
-            check_fits(self._base_model(), adapter, self.spec.name)
+            check_fits(self._base_model(), read_adapter(path), self.spec.name)
         except ExportError as err:
             raise AdapterError(str(err)) from None
 
