@@ -147,7 +147,9 @@ def test_server_serves_base_and_adapter_and_loads_adapters(hf_server: tuple[Serv
         assert c.post("/v1/finqa", json={**ask, "model": "finqa-2"}).json()["raw"] == shipped["raw"]
         assert c.post("/admin/adapters", json={"name": "finqa-2", "path": "finqa-copy"}).status_code == 409
 
+        assert 'adaptserve_engine_slots{model="finqa-2"} 4.0' in c.get("/metrics").text
         assert c.delete("/admin/adapters/finqa-2").status_code == 204
+        assert 'adaptserve_engine_slots{model="finqa-2"}' not in c.get("/metrics").text  # its request counts stay
         gone = c.post("/v1/finqa", json={**ask, "model": "finqa-2"})
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
         assert c.delete("/admin/adapters/finqa-2").status_code == 404

@@ -143,7 +143,7 @@ class HFBase:
             torch.set_num_threads(n_threads)
         self.spec = spec
         self.device = device or device_default()
-        location = base_dir(spec.location if spec.format in ("gguf", "hf") else spec.name)
+        location = base_dir(spec.location)  # a GGUF is dequantized once into a cached HF copy
         self.model: PreTrainedModel | PeftModel = load_base_model(location, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(location)
         config = self.model.config
