@@ -80,6 +80,25 @@ def test_sampling_stops_and_lengths(base: HFBase) -> None:
     assert stopped.finish.finish_reason == "stop" and "," not in stopped.text
 
 
+def test_leaving_a_stream_cancels_its_row_only(base: HFBase) -> None:
+    """A client gone after two pieces: its row leaves the batch at the next token, the row beside it runs on."""
+    engine = HFEngine(base, resolve("smollm2-135m"), None)
+    long = SamplingParams(max_tokens=200, temperature=0)
+    cancelled = base.requests_cancelled
+
+    async def run() -> int:
+        left, stays = engine.submit(engine.tokenize("Count: one, two,"), long), engine.submit(engine.tokenize("Hi"), GREEDY)
+        pieces = 0
+        async for _ in left.events():
+            pieces += 1
+            if pieces == 2:
+                break
+        return (await stays.collect()).finish.completion_tokens
+
+    assert asyncio.run(run()) == GREEDY.max_tokens
+    assert base.requests_cancelled == cancelled + 1
+
+
 def write_lora(path: Path, recorded_base: str, fan_in: int, fan_out: int) -> Path:
     """A real PEFT LoRA directory whose q_proj factors have the given sizes."""
     path.mkdir(parents=True)
@@ -198,3 +217,19 @@ def test_unknown_backend_is_a_cli_error() -> None:
         [sys.executable, "-m", "adaptserve", "serve", "--backend", "vllm"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2 and "backend must be one of" in out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bitsandbytes NF4 export")
+def test_gpu_serves_the_bnb4_export(tmp_path: Path) -> None:
+    """The export issue's merged NF4 checkpoint loads as it is (no second quantization) and answers like the adapter."""
+    from adaptserve.export import ExportConfig, export
+
+    export(ExportConfig(adapter=str(SHIPPED), output_dir=str(tmp_path), formats=["bnb4"], verify_tokens=0))
+    spec = resolve(str(tmp_path / "bnb4"))
+    base = HFBase(spec, n_ctx=2048)
+    try:
+        engine = HFEngine(base, spec, None)
+        text = asyncio.run(engine.complete(finqa_chat(engine, finqa.load_finqa(split="test")[0]), GREEDY)).text
+        assert "(" in text, text  # the merged adapter writes a program
+    finally:
+        base.close()
