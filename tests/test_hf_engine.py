@@ -154,10 +154,13 @@ def test_server_serves_base_and_adapter_and_loads_adapters(hf_server: tuple[Serv
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["smollm2-135m", FINQA]
         shipped = c.post("/v1/finqa", json={**ask, "model": FINQA}).json()
         assert shipped["program"] and shipped["error"] is None, shipped
-        chat = c.post(
-            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
-        )
-        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 4
+        hi = {"model": FINQA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+        chat = c.post("/v1/chat/completions", json=hi)
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 8
+        stream = c.post("/v1/chat/completions", json={**hi, "stream": True}).text
+        events = [line.removeprefix("data: ") for line in stream.splitlines() if line.startswith("data: ")]
+        streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert events[-1] == "[DONE]" and streamed == chat.json()["choices"][0]["message"]["content"]
 
         r = c.post("/admin/adapters", json={"name": "finqa-2", "path": "finqa-copy"})
         assert r.status_code == 201, r.json()

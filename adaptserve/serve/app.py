@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import time
@@ -87,6 +88,8 @@ class ServeConfig:
 def pick_backend(choice: str) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "transformers" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")):
+        raise ValueError("backend transformers needs torch, transformers and peft: pip install 'adaptserve[train]'")
     if choice != "auto":
         return choice
     return "transformers" if _has_cuda() else "llama.cpp"
