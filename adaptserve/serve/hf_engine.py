@@ -83,7 +83,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     sent: str = ""  # decoded text already passed to the stop matcher
     first_token_at: float | None = None
-    cut: bool = False
+    done: bool = False  # finished, cancelled or failed: nothing more is emitted for it
 
 
 def device_default() -> torch.device:
@@ -301,7 +301,7 @@ class HFBase:
             except Exception as err:  # a failed forward pass fails its batch, not the worker
                 log.exception("batch failed on %s", self.spec.name)
                 for row in rows:
-                    if not row.cut:
+                    if not row.done:
                         row.job.emit(Failed(f"{type(err).__name__}: {err}"))
             with self._idle:
                 self._active = set()
@@ -374,7 +374,7 @@ class HFBase:
                 [rows[r] for r in live], input_ids=step, attention_mask=mask, position_ids=positions, cache=cache
             )
         for r in live:  # stopped while running
-            if not rows[r].cut:
+            if not rows[r].done:
                 self._finish(rows[r], "cancelled")
 
     def _advance(self, row: _Row, token: int) -> bool:
@@ -400,14 +400,14 @@ class HFBase:
             self._finish(row, "stop", cut=True)
         elif len(row.ids) >= row.limit:
             self._finish(row, "length")
-        return not row.cut
+        return not row.done
 
     def _finish(self, row: _Row, reason: str, cut: bool = False) -> None:
-        if not cut:  # text held back as a possible stop-string prefix is real output after all
-            tail = row.stops.flush()
+        if not cut:  # text held back as a possible stop-string prefix, or a character never completed, is output
+            tail = row.stops.flush() + self.tokenizer.decode(row.ids, skip_special_tokens=True)[len(row.sent) :]
             if tail:
                 row.job.emit(TextDelta(tail))
-        row.cut = True  # the row is done: nothing more is emitted for it
+        row.done = True
         ttft = row.first_token_at - row.started if row.first_token_at else None
         row.job.emit(Finished(reason, len(row.job.prompt), len(row.ids), ttft))
 
