@@ -39,13 +39,15 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(flag, type=item, nargs="+", default=default, help=help_text)
+            # repeatable as well as multi-valued (--adapter-dir a --adapter-dir b); None: the field's default
+            parser.add_argument(flag, type=item, nargs="+", action="extend", default=None, help=help_text)
         else:
             parser.add_argument(flag, type=tp, default=default, help=help_text)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+    return config_cls(**{name: value for name, value in given.items() if value is not None})
 
 
 def _serve(args: argparse.Namespace) -> None:

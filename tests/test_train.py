@@ -18,6 +18,7 @@ pytest.importorskip("peft")
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adaptserve import finqa
@@ -26,6 +27,7 @@ from adaptserve.train import TrainConfig, TrainError, train
 from adaptserve.train.checkpoint import latest
 from adaptserve.train.data import collate, encode, load_items, plan_batches
 from adaptserve.train.model import base_dir, load_tokenizer
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The shortest shipped FinQA examples, table only: ~3 s a step. One thread: on 2 cores shared with other work,
@@ -189,3 +191,25 @@ def test_low_memory_run_learns_exactly_what_a_plain_run_learns(tmp_path: Path, c
     low = json.loads((tmp_path / "low" / "train_report.json").read_text())
     assert low["config"]["low_memory"] and len(low["memory_history"]) == 2 and all(m > 0 for m in low["memory_history"])
     assert low["loss_history"] == pytest.approx(plain.loss_history, rel=1e-4)
+
+
+def test_two_process_data_parallel_run_trains_what_one_process_does(tmp_path: Path, chats: Path) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo): each takes half of every batch, the gradients are summed,
+    and the adapter (same files, same format) and losses match a single-process run of the same flags."""
+    flags = dict(data=[str(chats)], rank=4, alpha=8.0, batch_size=4, grad_accum=1, max_steps=2, save_every=0, threads=1)
+    single = train(TrainConfig(**flags, output_dir=str(tmp_path / "one")))  # type: ignore[arg-type]
+    # --multi_gpu is accelerate's torchrun launcher, which on a machine without CUDA starts CPU processes (gloo);
+    # its --cpu flag would start a single process unless MPI is set up.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "adaptserve"]
+    cmd = [*launch, "train", "--data", str(chats), "--rank", "4", "--alpha", "8", "--batch-size", "4", "--grad-accum", "1"]
+    cmd += ["--max-steps", "2", "--save-every", "0", "--threads", "1", "--output-dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_report.json").read_text())
+    assert two["world_size"] == 2 and two["train_tokens"] == single.train_tokens
+    assert two["loss_history"] == pytest.approx(single.loss_history, rel=1e-4)
+    one_files = {p.name for p in (tmp_path / "one").iterdir()}
+    assert one_files == {p.name for p in (tmp_path / "two").iterdir()} and "adapter_model.safetensors" in one_files
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4) for k in a)

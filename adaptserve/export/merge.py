@@ -60,6 +60,7 @@ def _misfit(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], par
         name = key.removeprefix("base_model.model.")
         return None if params.get(name) == shape else f"{name}: adapter {shape}, base {params.get(name)}"
     module = modules.get(match["module"])
+    module = getattr(module, "base_layer", module)  # a module that already carries LoRA layers (a served base)
     if isinstance(module, nn.Linear):
         fan_in, fan_out = module.in_features, module.out_features
     elif isinstance(module, nn.Embedding):

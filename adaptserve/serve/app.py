@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,8 +57,12 @@ from adaptserve.serve.schema import (
     Usage,
 )
 
+if TYPE_CHECKING:
+    from adaptserve.serve.hf_engine import HFBase, HFEngine
+
 log = logging.getLogger(__name__)
 
+BACKENDS = ("auto", "llama.cpp", "transformers")
 API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
 
 
@@ -74,6 +81,28 @@ class ServeConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per decode step beside the running sequences
     ui: bool = True
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
+    backend: str = "auto"  # auto: transformers (4-bit NF4, adapters unmerged) with CUDA, llama.cpp without
+    adapter_dir: list[str] = field(default_factory=list)  # where POST /admin/adapters may load adapters from
+
+
+def pick_backend(choice: str) -> str:
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "transformers" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")):
+        raise ValueError("backend transformers needs torch, transformers and peft: pip install 'adaptserve[train]'")
+    if choice != "auto":
+        return choice
+    return "transformers" if _has_cuda() else "llama.cpp"
+
+
+def _has_cuda() -> bool:
+    if not Path("/proc/driver/nvidia/version").exists():  # no NVIDIA driver: spares importing torch (seconds)
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 class APIError(Exception):
@@ -106,14 +135,25 @@ class ModelPool:
 
     def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
         self.specs, self.config, self.metrics = specs, config, metrics
-        self.engines: dict[str, LlamaCppEngine] = {}
+        self.backend = pick_backend(config.backend)
+        self.engines: dict[str, LlamaCppEngine | HFEngine] = {}
         self.finqa_styles: dict[str, finqa.PromptStyle] = {}
+        self.bases: dict[str, HFBase] = {}  # transformers backend: one loaded base per base location
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """Served names that are LoRA adapters on a shared transformers base (loadable and unloadable)."""
+        return [name for name, engine in self.engines.items() if getattr(engine, "adapter", None) is not None]
+
     def load(self) -> None:
+        if self.backend == "transformers":
+            for spec in self.specs:
+                self._load_hf(spec)
+            return
         for spec in self.specs:
             engine = LlamaCppEngine(
                 self._runnable(spec),
@@ -136,12 +176,70 @@ class ModelPool:
         gguf = ensure_gguf(spec.path, spec.quant or self.config.adapter_quant, self.config.n_threads)
         return dataclasses.replace(spec, format="gguf", location=str(gguf))
 
+    def _load_hf(self, spec: ModelSpec) -> None:
+        """A base, or an adapter on the base it records: N adapters of a base cost that base once in memory."""
+        from adaptserve.serve.hf_engine import recorded_base
+
+        if spec.format != "adapter":
+            self._serve_hf(self._hf_base(spec), spec, None)
+            return
+        base = self._hf_base(resolve(recorded_base(spec.path)))
+        base.load_adapter(spec.name, spec.path)
+        self._serve_hf(base, spec, spec.name)
+
+    def _serve_hf(self, base: HFBase, spec: ModelSpec, adapter: str | None) -> None:
+        from adaptserve.serve.hf_engine import HFEngine
+
+        if adapter is not None:
+            self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
+        self.engines[spec.name] = HFEngine(base, spec, adapter)
+        self.metrics.watch_engine(spec.name, self.engines[spec.name])
+
+    def _hf_base(self, spec: ModelSpec) -> HFBase:
+        from adaptserve.serve.hf_engine import HFBase
+
+        if spec.location not in self.bases:
+            c = self.config
+            self.bases[spec.location] = HFBase(spec, c.n_ctx, c.queue_size, c.n_slots, c.n_threads)
+        return self.bases[spec.location]
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Serve the adapter at `path` as `name`, on the loaded base it was trained for (runtime loading)."""
+        from adaptserve.serve.hf_engine import AdapterError
+
+        if self.backend != "transformers":
+            raise AdapterError("adapters load at runtime only on the transformers backend (serve --backend transformers)")
+        base = self._base_for(path)
+        spec = ModelSpec(name, "adapter", str(path), f"PEFT adapter {path.name}, loaded at runtime")
+        base.load_adapter(name, path)
+        self._serve_hf(base, spec, name)
+        self.specs.append(spec)
+
+    def _base_for(self, path: Path) -> HFBase:
+        """The one loaded base, or the one the adapter records; check_adapter then compares shapes."""
+        from adaptserve.serve.hf_engine import AdapterError, recorded_base
+
+        if len(self.bases) == 1:
+            return next(iter(self.bases.values()))
+        recorded = recorded_base(path)
+        for base in self.bases.values():
+            if recorded in (base.spec.name, base.spec.location):
+                return base
+        raise AdapterError(f"adapter {path.name} records base {recorded!r}, which this server does not serve")
+
+    def remove_adapter(self, name: str) -> None:
+        engine = self.engines.pop(name)
+        self.specs = [s for s in self.specs if s.name != name]
+        self.finqa_styles.pop(name, None)
+        self.metrics.unwatch_engine(name)
+        engine.base.unload_adapter(name)
+
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
 
-    def start(self, engine: LlamaCppEngine, prompt: list[int], params: SamplingParams) -> Generation:
+    def start(self, engine: LlamaCppEngine | HFEngine, prompt: list[int], params: SamplingParams) -> Generation:
         """Submit with the server's error mapping: a too-long prompt is the client's fault, a full queue is not."""
         if params.max_tokens is None:  # "up to the end of the context", but never past the server's cap
             room = max(engine.n_ctx - len(prompt), 0)  # 0 lets budget() raise the context error
@@ -157,7 +255,7 @@ class ModelPool:
     def finqa_style(self, name: str) -> finqa.PromptStyle:
         return self.finqa_styles.get(name, finqa.BASE_STYLE)
 
-    def get(self, name: str | None) -> LlamaCppEngine:
+    def get(self, name: str | None) -> LlamaCppEngine | HFEngine:
         name = name or self.names[0]
         if name not in self.engines:
             raise APIError(
@@ -231,6 +329,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     )
     app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
+    if pool.backend == "transformers":  # only its engine attaches adapters without merging them
+        from adaptserve.serve.admin import admin_router
+
+        app.include_router(admin_router(pool, [Path(d) for d in config.adapter_dir]))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -339,7 +441,7 @@ def as_sentences(text: list[str] | str) -> list[str]:
     return [text] if isinstance(text, str) else text
 
 
-async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine, req: FinQARequest) -> FinQAResponse:
+async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine | HFEngine, req: FinQARequest) -> FinQAResponse:
     """The model writes a FinQA program for the question; the server executes it, so arithmetic is exact."""
     prompt_parts = finqa.task_prompt(
         req.question,

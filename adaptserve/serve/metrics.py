@@ -48,6 +48,10 @@ class Metrics:
         self.queue_depth.labels(model).set_function(lambda: engine.queue_depth)
         self.engines.watched[model] = engine
 
+    def unwatch_engine(self, model: str) -> None:
+        self.queue_depth.remove(model)
+        del self.engines.watched[model]
+
     def record_generation(self, model: str, finished: Finished) -> None:
         self.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
         self.tokens.labels(model, "completion").inc(finished.completion_tokens)

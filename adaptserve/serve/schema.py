@@ -192,3 +192,23 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- admin ----
+
+
+class AdapterLoadRequest(_Request):
+    name: str = Field(..., description="the served model id the adapter gets")
+    path: str = Field(..., description="the adapter directory, absolute or relative to an --adapter-dir")
+
+
+class AdapterCard(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    base: str
+    path: str
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]

@@ -21,6 +21,7 @@ from adaptserve import finqa
 from adaptserve.train import checkpoint
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.data import Batch, collate, encode, load_items, plan_batches
+from adaptserve.train.distributed import World, join
 from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, save_weights, use_bf16
 from adaptserve.train.report import Tracker, TrainReport
 
@@ -62,15 +63,16 @@ def train(config: TrainConfig) -> TrainReport:
     config.validate()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)  # every process of a data-parallel run starts from the same adapter
+    world, device = join()
     if config.low_memory and device.type == "cpu":
         release_freed_memory()
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     if checkpoint.latest(ckpt_root) is not None and not config.resume:
         raise TrainError(f"{out} holds checkpoints of an earlier run: pass resume to continue it, or another output_dir")
-    checkpoint.clear_partial(ckpt_root)
+    if world.main:
+        checkpoint.clear_partial(ckpt_root)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(config.base_model)
@@ -79,7 +81,7 @@ def train(config: TrainConfig) -> TrainReport:
     steps = total_steps(config, len(examples))
     plan = plan_batches([len(e) for e in examples], config.batch_size, config.seed, steps * config.grad_accum)
     data_hash = finqa.data_hash(items)
-    tracker = Tracker(config, out)
+    tracker = Tracker(config if world.main else dataclasses.replace(config, report_to="none"), out)
 
     bf16 = use_bf16(config.precision, device)
     model = load_model(config, device, bf16)
@@ -92,17 +94,20 @@ def train(config: TrainConfig) -> TrainReport:
     if config.resume and (last := checkpoint.latest(ckpt_root)) is not None:
         progress = checkpoint.restore(last, model, optimizer, scheduler, data_hash, plan, config.grad_accum)
 
-    bar = tqdm(total=steps, initial=progress.step, desc="train", unit="step")
+    bar = tqdm(total=steps, initial=progress.step, desc="train", unit="step", disable=not world.main)
     while progress.step < steps:
         tick = time.perf_counter()
         micro = plan[progress.step * config.grad_accum : (progress.step + 1) * config.grad_accum]
-        batches = [collate([examples[i] for i in indices], tokenizer.pad_token_id) for indices in micro]
-        loss, grad_norm = _step(model, batches, params, device, bf16)
+        shares = [share for indices in micro if (share := world.shard(indices))]
+        batches = [collate([examples[i] for i in share], tokenizer.pad_token_id) for share in shares]
+        # the whole step's tokens, every process's share included: the mean and the summed gradients run over them
+        answer_tokens = sum(len(examples[i].answer) for indices in micro for i in indices)
+        loss, grad_norm = _step(model, batches, answer_tokens, params, device, bf16, world)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seconds, tokens = time.perf_counter() - tick, sum(b.tokens for b in batches)
+        seconds, tokens = time.perf_counter() - tick, sum(len(examples[i]) for indices in micro for i in indices)
         progress.step += 1
         progress.losses.append(loss)
         progress.tokens += tokens
@@ -120,13 +125,11 @@ def train(config: TrainConfig) -> TrainReport:
                 "memory_bytes": progress.memory[-1],
             },
         )
-        if config.save_every and (progress.step % config.save_every == 0 or progress.step == steps):
+        if world.main and config.save_every and (progress.step % config.save_every == 0 or progress.step == steps):
             checkpoint.save(ckpt_root, model, optimizer, scheduler, progress, data_hash, plan)
     bar.close()
     tracker.close()
 
-    save_weights(model, out)
-    tokenizer.save_pretrained(out)
     peak, peak_kind = peak_memory(device)
     report = TrainReport(
         output_dir=str(out),
@@ -149,8 +152,13 @@ def train(config: TrainConfig) -> TrainReport:
         memory_history=progress.memory,
         config=dataclasses.asdict(config),
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        world_size=world.size,
     )
-    report.write(out)
+    if world.main:
+        save_weights(model, out)
+        tokenizer.save_pretrained(out)
+        report.write(out)
+    world.close()
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s; adapter in %s",
         report.steps,
@@ -162,17 +170,24 @@ def train(config: TrainConfig) -> TrainReport:
 
 
 def _step(
-    model: Model, batches: list[Batch], params: list[torch.nn.Parameter], device: torch.device, bf16: bool
+    model: Model,
+    batches: list[Batch],
+    answer_tokens: int,
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+    bf16: bool,
+    world: World,
 ) -> tuple[float, float]:
-    """Accumulate the gradients of one optimizer step and clip them; returns (mean answer-token loss, grad norm)."""
-    answer_tokens = sum(len(b.targets) for b in batches)  # the mean runs over the whole step, not per micro-batch
+    """Accumulate the gradients of one optimizer step (summed over all processes) and clip them; returns
+    (mean answer-token loss, grad norm). The mean runs over the whole step's `answer_tokens`, not per micro-batch."""
     total = 0.0
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = answer_loss(model, batch.to(device)) / answer_tokens
         loss.backward()
         total += loss.item()
-    return total, torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
+    world.sum_grads(params)
+    return world.sum(total, device), torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
 
 
 def release_freed_memory() -> None:

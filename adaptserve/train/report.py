@@ -36,6 +36,7 @@ class TrainReport:
     memory_history: list[int]  # bytes in use after each step, of the kind of peak_memory_kind
     config: dict[str, Any]
     versions: dict[str, str]
+    world_size: int = 1  # processes that trained it together, data-parallel (torchrun / accelerate launch)
 
     def write(self, out: Path) -> None:
         (out / "train_report.json").write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

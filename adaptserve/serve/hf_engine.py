@@ -1,0 +1,483 @@
+"""transformers engine: one base model in memory, any number of LoRA adapters on it, picked per request.
+
+`HFBase` owns the model, the tokenizer, one request queue and a worker thread. Every served name (the base itself,
+each adapter) is an `HFEngine`: a thin view that tags its requests with its adapter and otherwise presents the
+same interface as `LlamaCppEngine`, so the HTTP layer cannot tell the backends apart. N adapters cost one base
+in memory, as in LoRAX or vLLM's multi-LoRA.
+
+Batching is static: the worker takes up to `n_slots` waiting requests, left-pads their prompts into one prefill,
+then decodes them together, one token per row per forward pass, until each has finished; finished rows leave the
+batch (and the KV cache) at once. peft's mixed-batch LoRA (`adapter_names=[...]`) applies each row's own adapter
+in the same forward pass, so a batch may mix the base and several adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, PreTrainedModel
+
+from adaptserve.export.adapter import read_adapter
+from adaptserve.export.config import ExportError
+from adaptserve.export.merge import check_fits
+from adaptserve.models import BUILTINS, ModelSpec
+from adaptserve.serve.engine import (
+    DEFAULT_SLOTS,
+    Completion,
+    EngineBusy,
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    PromptTooLong,
+    SamplingParams,
+    StopMatcher,
+    TextDelta,
+)
+from adaptserve.train.model import _nf4, base_dir, use_bf16
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# After the first request of a batch arrives, wait this long for others sent at the same moment: a whole batch
+# runs for seconds, and without it concurrent clients that resubmit together get split into lopsided batches.
+GATHER_SECONDS = 0.01
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served on this base: wrong files, another base, a bad or taken name."""
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None
+    emit: Callable[[Event], None]
+    cancelled: threading.Event
+
+
+@dataclass
+class _Row:
+    """One request in the running batch: what it has generated and how its text streams out."""
+
+    job: _Job
+    limit: int
+    stops: StopMatcher
+    generator: torch.Generator | None  # its own RNG, so a seeded request repeats whatever it is batched with
+    started: float
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""  # decoded text already passed to the stop matcher
+    first_token_at: float | None = None
+    done: bool = False  # finished, cancelled or failed: nothing more is emitted for it
+
+
+def device_default() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(location: str, device: torch.device) -> PreTrainedModel:
+    """4-bit NF4 on CUDA (a directory saved in NF4 already, like export's bnb4, loads as it is); on CPU bf16 where
+    the hardware computes it natively, else fp32."""
+    if device.type == "cuda":
+        config = Path(location) / "config.json"
+        quantized = config.is_file() and "quantization_config" in config.read_text()
+        extra = {} if quantized else {"quantization_config": _nf4(torch.bfloat16)}
+        return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}, **extra).eval()
+    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+
+
+def recorded_base(path: Path) -> str:
+    """The base model an adapter directory says it was trained on."""
+    try:
+        adapter = read_adapter(path)
+    except ExportError as err:
+        raise AdapterError(str(err)) from None
+    if not adapter.recorded_base:
+        raise AdapterError(f"adapter {path} does not record its base model (base_model_name_or_path)")
+    return adapter.recorded_base
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of logits: greedy at temperature 0, else nucleus sampling at that temperature."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # the most likely token always stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class HFBase:
+    """One transformers base model, its LoRA adapters, and the queue and worker that batch their requests."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        n_ctx: int = 4096,
+        queue_size: int = 64,
+        n_slots: int = DEFAULT_SLOTS,
+        n_threads: int | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        if n_threads is not None:
+            # Process-wide. On a busy CPU fewer threads than cores is far faster: torch's threads spin-wait on each
+            # other, and one descheduled thread stalls every matmul (2 threads on 2 shared cores: 30x slower).
+            torch.set_num_threads(n_threads)
+        self.spec = spec
+        self.device = device or device_default()
+        location = base_dir(spec.location)  # a GGUF is dequantized once into a cached HF copy
+        self.model: PreTrainedModel | PeftModel = load_base_model(location, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(location)
+        config = self.model.config
+        self.n_ctx = min(n_ctx, getattr(config, "max_position_embeddings", n_ctx))
+        self.n_slots = n_slots
+        eos = self.model.generation_config.eos_token_id
+        self._eos = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
+        self.adapters: dict[str, Path] = {}
+        # Held by the worker for a whole forward pass and by adapter loading/unloading: peft changes the modules.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a batch ends: its adapters may be unloaded
+        self._active: set[str | None] = set()  # adapters the running batch uses
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._stopping = threading.Event()
+        self.slots_busy = 0
+        # Written by the worker only; read by /metrics.
+        self.tokens_generated = 0
+        self.requests_cancelled = 0
+        self.prompt_tokens = 0
+        self._worker = threading.Thread(target=self._work, name=f"hf-engine-{spec.name}", daemon=True)
+        self._worker.start()
+        log.info("loaded %s on %s (%s) slots=%d n_ctx=%d", spec.name, self.device, self.model.dtype, n_slots, self.n_ctx)
+
+    # ---- adapters ----
+
+    def check_adapter(self, path: Path) -> None:
+        """Refuse an adapter made for another base: by the base it records, then by its tensor shapes."""
+        recorded = recorded_base(path)
+        if recorded in BUILTINS and recorded != self.spec.name:
+            raise AdapterError(f"adapter {path} was trained on {recorded!r}, this server's base is {self.spec.name!r}")
+        try:
+            check_fits(self._base_model(), read_adapter(path), self.spec.name)
+        except ExportError as err:
+            raise AdapterError(str(err)) from None
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Attach a PEFT LoRA adapter (safetensors only) under `name`; requests can use it once this returns."""
+        if not ADAPTER_NAME.match(name):
+            raise AdapterError(f"adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} is loaded already")
+        self.check_adapter(path)
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name, use_safetensors=True)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, use_safetensors=True)
+            self.model.eval()
+            self.adapters[name] = path
+        log.info("adapter %s loaded from %s on %s", name, path, self.spec.name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Detach an adapter once no running batch uses it; requests for it still queued fail when taken."""
+        with self._idle:
+            self._idle.wait_for(lambda: name not in self._active)
+            del self.adapters[name]
+            assert isinstance(self.model, PeftModel)
+            if self.adapters:
+                self.model.delete_adapter(name)
+            else:  # the last one: back to the bare base, as it was loaded
+                self.model = self.model.unload()
+        log.info("adapter %s unloaded from %s", name, self.spec.name)
+
+    def _base_model(self) -> PreTrainedModel:
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # ---- prompt side: the caller's thread, tokenizer only ----
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_bos)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokenizer's own chat template; a model without one gets the plain transcript LlamaCppEngine uses."""
+        if not self.has_chat_template:
+            turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return self.tokenize(turns + "Assistant:")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as err:  # the HTTP layer turns ValueError into a 400
+            raise ValueError(str(err)) from None
+        return self.tokenize(text, add_bos=False)
+
+    def chat_stops(self) -> tuple[str, ...]:
+        return () if self.has_chat_template else ("\nUser:",)
+
+    def budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        room = self.n_ctx - len(prompt)
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.n_ctx} tokens, "
+                f"but the request has {len(prompt)} prompt tokens{asked}"
+            )
+        return room if max_tokens is None else max_tokens
+
+    # ---- request side ----
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        on_finish: Callable[[Finished], None] | None = None,
+    ) -> Generation:
+        self.budget(prompt, params.max_tokens)
+        generation = Generation(asyncio.get_running_loop(), on_finish)
+        try:
+            self._jobs.put_nowait(_Job(list(prompt), params, adapter, generation.put, generation.cancelled))
+        except queue.Full:
+            raise EngineBusy(f"model {self.spec.name} has {self._jobs.maxsize} requests queued") from None
+        return generation
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def close(self) -> None:
+        """Stop after the step in hand (running requests fail) and drop queued ones; safe to call twice."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit(Failed("server shutting down"))
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+        log.info("closed %s", self.spec.name)
+
+    # ---- worker thread ----
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            jobs = self._take()
+            with self._lock:
+                for job in [j for j in jobs if j.adapter is not None and j.adapter not in self.adapters]:
+                    job.emit(Failed(f"adapter {job.adapter!r} was unloaded"))
+                    jobs.remove(job)
+                self._active = {job.adapter for job in jobs}
+            if not jobs:
+                continue
+            rows = [self._row(job) for job in jobs]
+            self.slots_busy = len(rows)
+            try:
+                with torch.inference_mode():
+                    self._run(rows)
+            except Exception as err:  # a failed forward pass fails its batch, not the worker
+                log.exception("batch failed on %s", self.spec.name)
+                for row in rows:
+                    if not row.done:
+                        row.job.emit(Failed(f"{type(err).__name__}: {err}"))
+            with self._idle:
+                self._active = set()
+                self._idle.notify_all()
+            self.slots_busy = 0
+
+    def _take(self) -> list[_Job]:
+        """Up to n_slots live jobs: wait for one, then take whatever else arrives within GATHER_SECONDS."""
+        jobs: list[_Job] = []
+        deadline = None
+        while len(jobs) < self.n_slots:
+            try:
+                job = self._jobs.get(timeout=None if deadline is None else max(deadline - time.perf_counter(), 0))
+            except queue.Empty:
+                break
+            if job is None:  # close() is waking us
+                break
+            if job.cancelled.is_set():
+                self.requests_cancelled += 1
+                continue
+            jobs.append(job)
+            deadline = deadline or time.perf_counter() + GATHER_SECONDS
+        return jobs
+
+    def _row(self, job: _Job) -> _Row:
+        generator = None
+        if job.params.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(job.params.seed if job.params.seed is not None else random.getrandbits(63))
+        limit = self.budget(job.prompt, job.params.max_tokens)
+        return _Row(job, limit, StopMatcher(job.params.stop), generator, time.perf_counter())
+
+    def _forward(self, rows: Sequence[_Row], **inputs: Any) -> tuple[torch.Tensor, Cache]:
+        """Last-position logits of every row, each row through its own adapter, and the KV cache. Under the lock:
+        peft rewires modules when another thread loads an adapter."""
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                inputs["adapter_names"] = [r.job.adapter or BASE for r in rows]
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.cache
+
+    def _run(self, rows: list[_Row]) -> None:
+        """Prefill the rows' prompts together (left-padded), then decode a token per row per step until all end."""
+        width = max(len(r.job.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.job.prompt)
+            ids[i, width - n :] = torch.tensor(row.job.prompt)
+            mask[i, width - n :] = 1
+            self.prompt_tokens += n
+        mask = mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(rows, input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions)
+        live = list(range(len(rows)))  # batch row -> index into rows
+        while True:
+            tokens = [sample(logits[b], rows[r].job.params, rows[r].generator) for b, r in enumerate(live)]
+            keep = [b for b, (r, token) in enumerate(zip(live, tokens, strict=True)) if self._advance(rows[r], token)]
+            if not keep or self._stopping.is_set():
+                break
+            if len(keep) < len(live):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                live, tokens = [live[b] for b in keep], [tokens[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            step = torch.tensor(tokens, device=self.device)[:, None]
+            logits, cache = self._forward(
+                [rows[r] for r in live], input_ids=step, attention_mask=mask, position_ids=positions, cache=cache
+            )
+        for r in live:  # stopped while running
+            if not rows[r].done:
+                self._finish(rows[r], "cancelled")
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Take a sampled token; returns whether the row goes on."""
+        if row.job.cancelled.is_set():
+            self.requests_cancelled += 1
+            self._finish(row, "cancelled")
+            return False
+        if token in self._eos:
+            self._finish(row, "stop")
+            return False
+        row.ids.append(token)
+        self.tokens_generated += 1
+        row.first_token_at = row.first_token_at or time.perf_counter()
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+            text = row.sent
+        new, row.sent = text[len(row.sent) :], text
+        out, stopped = row.stops.push(new)
+        if out:
+            row.job.emit(TextDelta(out))
+        if stopped:
+            self._finish(row, "stop", cut=True)
+        elif len(row.ids) >= row.limit:
+            self._finish(row, "length")
+        return not row.done
+
+    def _finish(self, row: _Row, reason: str, cut: bool = False) -> None:
+        if not cut:  # text held back as a possible stop-string prefix, or a character never completed, is output
+            tail = row.stops.flush() + self.tokenizer.decode(row.ids, skip_special_tokens=True)[len(row.sent) :]
+            if tail:
+                row.job.emit(TextDelta(tail))
+        row.done = True
+        ttft = row.first_token_at - row.started if row.first_token_at else None
+        row.job.emit(Finished(reason, len(row.job.prompt), len(row.ids), ttft))
+
+
+class HFEngine:
+    """A served model name on an `HFBase`: the base itself (`adapter=None`) or one of its adapters.
+
+    Presents LlamaCppEngine's interface; slot and token counters are the shared base's.
+    """
+
+    def __init__(self, base: HFBase, spec: ModelSpec, adapter: str | None) -> None:
+        self.base, self.spec, self.adapter = base, spec, adapter
+        self.name = spec.name
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.base.has_chat_template
+
+    @property
+    def n_ctx(self) -> int:
+        return self.base.n_ctx
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.base.tokenize(text, add_bos)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.base.chat_prompt(messages)
+
+    def chat_stops(self) -> tuple[str, ...]:
+        return self.base.chat_stops()
+
+    def budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        return self.base.budget(prompt, max_tokens)
+
+    def submit(
+        self, prompt: list[int], params: SamplingParams, on_finish: Callable[[Finished], None] | None = None
+    ) -> Generation:
+        return self.base.submit(prompt, params, self.adapter, on_finish)
+
+    async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
+        return await self.submit(prompt, params).collect()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.base.queue_depth
+
+    @property
+    def n_slots(self) -> int:
+        return self.base.n_slots
+
+    @property
+    def slots_busy(self) -> int:
+        return self.base.slots_busy
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.base.prompt_tokens
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return 0  # no prefix cache in this engine
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.base.tokens_generated
+
+    @property
+    def requests_cancelled(self) -> int:
+        return self.base.requests_cancelled
+
+    def close(self) -> None:
+        """Closes the shared base: only for shutting the whole server down (unloading an adapter is the base's)."""
+        self.base.close()
