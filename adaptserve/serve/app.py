@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,7 +33,9 @@ from adaptserve.serve.engine import (
     PromptTooLong,
     SamplingParams,
     TextDelta,
+    TimedOut,
 )
+from adaptserve.serve.guard import Guard, env_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
 from adaptserve.serve.schema import (
     AssistantMessage,
@@ -74,6 +77,22 @@ class ServeConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per decode step beside the running sequences
     ui: bool = True
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
+    api_keys: list[str] = field(
+        default_factory=list,
+        repr=False,  # never in a log line or a traceback
+        metadata={
+            "flag": "--api-key",
+            "help": "require 'Authorization: Bearer KEY' on /v1/* and /admin/*; repeat for several keys, or set "
+            "$ADAPTSERVE_API_KEYS (comma-separated). /health, /metrics and the /ui are not behind it",
+        },
+    )
+    cors_origins: list[str] = field(
+        default_factory=list,
+        metadata={"flag": "--cors-origin", "help": "a browser origin allowed to call the API (CORS); repeatable"},
+    )
+    max_body_bytes: int = 1 << 20  # larger request bodies get a 413 before they are read
+    request_timeout: float = 300.0  # seconds from queueing to the last token; past it it is cancelled (0: no limit)
+    shutdown_timeout: float = 10.0  # seconds running requests get to finish after SIGTERM; then they fail cleanly
 
 
 class APIError(Exception):
@@ -92,13 +111,28 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, code: str = "invalid_value", param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", code, param)
+
+
+def overloaded(err: EngineBusy) -> APIError:
+    """A full queue, or a server shutting down: not the client's fault, and worth retrying."""
+    return APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"})
+
+
+def engine_failure(err: EngineError) -> APIError:
+    if isinstance(err, EngineBusy):  # shutting down while the request waited or ran
+        return overloaded(err)
+    if isinstance(err, TimedOut):
+        return APIError(504, str(err), "server_error", "timeout")
+    return APIError(500, str(err), "server_error")
 
 
 class ModelPool:
@@ -149,11 +183,17 @@ class ModelPool:
             params = dataclasses.replace(params, max_tokens=min(room, self.config.max_tokens_cap) or None)
         try:
             # /metrics counts every finished generation, whoever asked for it (HTTP or UI)
-            return engine.submit(prompt, params, lambda f: self.metrics.record_generation(engine.name, f))
+            return engine.submit(
+                prompt, params, lambda f: self.metrics.record_generation(engine.name, f), self.config.request_timeout
+            )
         except PromptTooLong as err:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
         except EngineBusy as err:
-            raise APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"}) from None
+            raise overloaded(err) from None
+
+    def drain(self, timeout: float) -> None:
+        for engine in self.engines.values():
+            engine.drain(timeout)
 
     def finqa_style(self, name: str) -> finqa.PromptStyle:
         return self.finqa_styles.get(name, finqa.BASE_STYLE)
@@ -208,7 +248,7 @@ async def stream_sse(
                 if include_usage:  # OpenAI's closing chunk: no choices, just the usage
                     yield sse({**chunk(None, None), "choices": [], "usage": usage_of(event).model_dump()})
     except EngineError as err:  # headers are gone already: report in-band, as OpenAI does
-        yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+        yield sse(engine_failure(err).body())
     yield sse("[DONE]")
 
 
@@ -228,10 +268,17 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         title="adaptserve",
         version="0.1.0",
         lifespan=lifespan,
-        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)},
     )
     app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
+    keys = [*config.api_keys, *env_keys()]
+    # Outermost last: CORS answers preflights (which carry no key) and labels refusals; metrics count refusals.
+    app.add_middleware(Guard, keys=keys, max_body_bytes=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if keys and config.ui:
+        log.warning("API keys guard /v1 and /admin, but not the UI at /ui: pass --no-ui where the port is exposed")
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -250,11 +297,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return APIError(err.status_code, str(err.detail), kind, headers=dict(err.headers or {})).response()
+        code = "request_too_large" if err.status_code == 413 else None
+        return APIError(err.status_code, str(err.detail), kind, code, headers=dict(err.headers or {})).response()
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, err: EngineError) -> JSONResponse:
-        return APIError(500, str(err), "server_error").response()
+        return engine_failure(err).response()
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:
