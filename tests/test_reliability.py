@@ -66,10 +66,18 @@ def wait_idle(client: httpx.Client, within: float = 5.0) -> float:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": "Bearer"},
+    ],
     ids=["none", "wrong", "no scheme", "basic", "empty"],
 )
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/admin/adapters"), ("GET", "/v1/nothing")])
+@pytest.mark.parametrize(
+    "method,path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/admin/adapters"), ("GET", "/v1/nothing")]
+)
 def test_api_routes_need_a_key(guarded: Server, headers: dict[str, str], method: str, path: str) -> None:
     r = httpx.request(method, guarded.url + path, headers=headers, json={"messages": HELLO})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -198,7 +206,11 @@ def test_model_names_never_reach_the_filesystem() -> None:
         codes = [
             tc.post(path, json={"model": name, **body}).json()["error"]["code"]
             for name in NOT_MODELS
-            for path, body in [(CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "x"}), ("/v1/finqa", {"question": "q"})]
+            for path, body in [
+                (CHAT, {"messages": HELLO}),
+                ("/v1/completions", {"prompt": "x"}),
+                ("/v1/finqa", {"question": "q"}),
+            ]
         ]
         watching = False
     assert codes == ["model_not_found"] * len(codes)
@@ -287,3 +299,10 @@ def test_training_killed_at_random_moments_resumes_to_a_loadable_adapter(tmp_pat
     assert report["steps"] == steps and len(report["loss_history"]) == steps
     assert not list((out / "checkpoints").glob(".tmp-*"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m")), str(out))
+
+
+def test_empty_prompt_is_the_clients_error(client: httpx.Client) -> None:
+    """Found by the schemathesis run: "" tokenizes to nothing (SmolLM2 adds no BOS) and was a 500."""
+    for body in [{"prompt": ""}, {"prompt": [""], "stream": True}]:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and "empty" in r.json()["error"]["message"], r.text

@@ -29,6 +29,7 @@ from adaptserve.serve.engine import (
     EngineError,
     Finished,
     Generation,
+    InvalidPrompt,
     LlamaCppEngine,
     PromptTooLong,
     SamplingParams,
@@ -188,6 +189,8 @@ class ModelPool:
             )
         except PromptTooLong as err:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
+        except InvalidPrompt as err:
+            raise invalid(str(err), param="prompt") from None
         except EngineBusy as err:
             raise overloaded(err) from None
 

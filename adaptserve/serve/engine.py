@@ -50,7 +50,11 @@ class TimedOut(EngineError):
     """The request ran past its time limit and was cancelled."""
 
 
-class PromptTooLong(ValueError):
+class InvalidPrompt(ValueError):
+    """A prompt the engine cannot run: the caller's fault."""
+
+
+class PromptTooLong(InvalidPrompt):
     """Prompt plus requested completion does not fit the context window."""
 
 
@@ -297,6 +301,8 @@ class LlamaCppEngine:
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
         """Completion tokens this prompt may have; raises PromptTooLong like OpenAI's context check."""
+        if not prompt:  # e.g. "" where the tokenizer adds no BOS
+            raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
         room = self.n_ctx - len(prompt)
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
@@ -315,7 +321,7 @@ class LlamaCppEngine:
         on_finish: Callable[[Finished], None] | None = None,
         timeout: float | None = None,
     ) -> Generation:
-        """Queue a generation; raises PromptTooLong or EngineBusy at once, before anything is streamed."""
+        """Queue a generation; raises InvalidPrompt or EngineBusy at once, before anything is streamed."""
         self.budget(prompt, params.max_tokens)
         if self._drain_by is not None:
             raise EngineBusy(f"model {self.name} is shutting down")
@@ -434,8 +440,6 @@ class LlamaCppEngine:
         return False
 
     def _start(self, job: _Job, dequeued: float) -> _Sequence:
-        if not job.prompt:
-            raise ValueError("the prompt is empty: there is nothing to continue from")
         limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
         slot, cached = self.slots.acquire(job.prompt, min_copy=self.prefill_chunk)

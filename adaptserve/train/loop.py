@@ -21,7 +21,7 @@ from adaptserve import finqa
 from adaptserve.train import checkpoint
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.data import Batch, collate, encode, load_items, plan_batches
-from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, save_weights, use_bf16
+from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, use_bf16
 from adaptserve.train.report import Tracker, TrainReport
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def train(config: TrainConfig) -> TrainReport:
     bar.close()
     tracker.close()
 
-    save_weights(model, out)
+    checkpoint.save_final(model, out)
     tokenizer.save_pretrained(out)
     peak, peak_kind = peak_memory(device)
     report = TrainReport(
