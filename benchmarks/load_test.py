@@ -8,7 +8,7 @@ sends requests back to back, drawn from a fixed mix (chat, completion, both stre
 invalid fields, clients that hang up after two chunks). Passes when no request got a 5xx other than a 503 with
 Retry-After (a clean refusal from a full queue), every well-formed request was answered or cleanly refused,
 every bad one got a 4xx with an error body, every stream ended with [DONE], and the server's RSS after the run
-is within 10% of its RSS after warm-up. Writes `<out>/load_test.json`.
+is within 10% of its RSS after warm-up. Writes `<out>/<name>.json`.
 """
 
 from __future__ import annotations
@@ -216,16 +216,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the server it starts")
+    parser.add_argument("--queue-size", type=int, default=64, help="--queue-size of the server it starts")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", default="load_test", help="the results file is <out>/<name>.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     server = None
     if args.url is None:
         out = args.out or Path(".")
         out.mkdir(parents=True, exist_ok=True)
         port = free_port()
         cmd = [sys.executable, "-m", "adaptserve", "serve", "--models", "smollm2-135m", "--port", str(port)]
-        cmd += ["--no-ui", "--n-threads", str(args.threads)]
+        cmd += ["--no-ui", "--n-threads", str(args.threads), "--queue-size", str(args.queue_size)]
         server = launch(cmd, f"http://127.0.0.1:{port}", "smollm2-135m", out / "load_test_server.log")
         args.url, args.pid = server.url, server.process.pid
     try:
@@ -236,7 +239,7 @@ def main() -> int:
     text = json.dumps(asdict(report), indent=2)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "load_test.json").write_text(text + "\n")
+        (args.out / f"{args.name}.json").write_text(text + "\n")
     log.info("%s", text)
     return 0 if report.passed else 1
 

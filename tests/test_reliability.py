@@ -172,6 +172,16 @@ def test_disconnect_mid_stream_frees_the_engine_at_once(guarded: Server, client:
     assert client.post(CHAT, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
+def test_disconnect_before_a_plain_answer_frees_the_engine_too(guarded: Server, client: httpx.Client) -> None:
+    wait_idle(client)
+    cancelled = metric(client, "adaptserve_engine_cancelled_requests_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+        httpx.post(f"{guarded.url}/v1/completions", json={**COUNTING, "max_tokens": 1000}, headers=AUTH, timeout=1.0)
+    assert wait_idle(client, within=2) < 1.0
+    assert metric(client, "adaptserve_engine_cancelled_requests_total") == cancelled + 1
+    assert 'adaptserve_requests_total{route="/v1/completions",status="499"}' in client.get("/metrics").text
+
+
 def test_full_queue_is_a_clean_503_with_retry_after(guarded: Server) -> None:
     """2 slots + 2 queued: of 8 requests at once, those that find the queue full are refused at once; none fails."""
 

@@ -5,14 +5,16 @@ Nothing here owns a model or samples a token; see `engine.py` for that.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,6 +61,7 @@ from adaptserve.serve.schema import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
 
@@ -255,6 +258,26 @@ async def stream_sse(
     yield sse("[DONE]")
 
 
+async def unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` while watching the connection: a client that hangs up on a non-streamed request cancels its
+    generation, as a streamed one does (which notices by itself), rather than leaving it to run for nobody."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done; else its generation is cancelled with it
+    if task not in done:  # nobody reads this answer, but the access log and /metrics show why it ended
+        raise APIError(499, "the client closed the connection", "invalid_request_error", "client_closed")
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes: after the body, the next message on a connection is its disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     metrics = Metrics()
@@ -325,7 +348,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return ModelList(data=[ModelCard(id=s.name, created=now, description=s.description) for s in pool.specs])
 
     @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(req: CompletionRequest) -> Response | CompletionResponse:
+    async def completions(req: CompletionRequest, request: Request) -> Response | CompletionResponse:
         engine = pool.get(req.model)
         generation = pool.start(engine, engine.tokenize(req.prompt_text()), sampling_params(req, config.max_tokens_cap))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -336,7 +359,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
         if req.stream:
             return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await generation.collect()
+        done = await unless_gone(request, generation.collect())
         return CompletionResponse(
             id=rid,
             created=now,
@@ -346,7 +369,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
         engine = pool.get(req.model)
         try:
             prompt = engine.chat_prompt(req.message_dicts())
@@ -366,7 +389,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
         if req.stream:
             return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await generation.collect()
+        done = await unless_gone(request, generation.collect())
         return ChatCompletionResponse(
             id=rid,
             created=now,
@@ -376,9 +399,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/finqa", response_model=FinQAResponse)
-    async def finqa_answer(req: FinQARequest) -> FinQAResponse:
+    async def finqa_answer(req: FinQARequest, request: Request) -> FinQAResponse:
         engine = pool.get(req.model)
-        return await answer_finqa(pool, engine, req)
+        return await unless_gone(request, answer_finqa(pool, engine, req))
 
     if config.ui:
         from adaptserve.serve.ui import mount_ui
