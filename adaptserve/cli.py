@@ -29,20 +29,26 @@ def _base_type(tp: Any) -> Any:
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """A flag per field: --field-name, or the field's metadata "flag"; a list field with its own (singular) flag
+    is repeatable, `--api-key A --api-key B`, where other lists take their items after one flag."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        shown = "hidden" if not f.repr else default  # secrets (repr=False) stay out of --help too
+        help_text = f.metadata.get("help", "") + f" (default: {shown})"
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text, dest=f.name)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            # repeatable as well as multi-valued (--adapter-dir a --adapter-dir b); None: the field's default
-            parser.add_argument(flag, type=item, nargs="+", action="extend", default=None, help=help_text)
+            # a "flag" in metadata names one value per use (--api-key a --api-key b); otherwise several per use,
+            # and repeatable too (--adapter-dir a --adapter-dir b). None: the field's default applies
+            single = "flag" in f.metadata
+            action, nargs = ("append", None) if single else ("extend", "+")
+            parser.add_argument(flag, type=item, nargs=nargs, action=action, default=None, help=help_text, dest=f.name)
         else:
-            parser.add_argument(flag, type=tp, default=default, help=help_text)
+            parser.add_argument(flag, type=tp, default=default, help=help_text, dest=f.name)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:

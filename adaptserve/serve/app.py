@@ -5,6 +5,7 @@ Nothing here owns a model or samples a token; see `engine.py` for that.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib.util
@@ -12,13 +13,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,11 +33,14 @@ from adaptserve.serve.engine import (
     EngineError,
     Finished,
     Generation,
+    InvalidPrompt,
     LlamaCppEngine,
     PromptTooLong,
     SamplingParams,
     TextDelta,
+    TimedOut,
 )
+from adaptserve.serve.guard import Guard, env_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
 from adaptserve.serve.schema import (
     AssistantMessage,
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
     from adaptserve.serve.hf_engine import HFBase, HFEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BACKENDS = ("auto", "llama.cpp", "transformers")
 API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
@@ -83,6 +89,22 @@ class ServeConfig:
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
     backend: str = "auto"  # auto: transformers (4-bit NF4, adapters unmerged) with CUDA, llama.cpp without
     adapter_dir: list[str] = field(default_factory=list)  # where POST /admin/adapters may load adapters from
+    api_keys: list[str] = field(
+        default_factory=list,
+        repr=False,  # never in a log line or a traceback
+        metadata={
+            "flag": "--api-key",
+            "help": "require 'Authorization: Bearer KEY' on /v1/* and /admin/*; repeat for several keys, or set "
+            "$ADAPTSERVE_API_KEYS (comma-separated). /health, /metrics and the /ui are not behind it",
+        },
+    )
+    cors_origins: list[str] = field(
+        default_factory=list,
+        metadata={"flag": "--cors-origin", "help": "a browser origin allowed to call the API (CORS); repeatable"},
+    )
+    max_body_bytes: int = 1 << 20  # larger request bodies get a 413 before they are read
+    request_timeout: float = 300.0  # seconds from queueing to the last token; past it it is cancelled (0: no limit)
+    shutdown_timeout: float = 10.0  # seconds running requests get to finish after SIGTERM; then they fail cleanly
 
 
 def pick_backend(choice: str) -> str:
@@ -121,13 +143,28 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, code: str = "invalid_value", param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", code, param)
+
+
+def overloaded(err: EngineBusy) -> APIError:
+    """A full queue, or a server shutting down: not the client's fault, and worth retrying."""
+    return APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"})
+
+
+def engine_failure(err: EngineError) -> APIError:
+    if isinstance(err, EngineBusy):  # shutting down while the request waited or ran
+        return overloaded(err)
+    if isinstance(err, TimedOut):
+        return APIError(504, str(err), "server_error", "timeout")
+    return APIError(500, str(err), "server_error")
 
 
 class ModelPool:
@@ -246,11 +283,19 @@ class ModelPool:
             params = dataclasses.replace(params, max_tokens=min(room, self.config.max_tokens_cap) or None)
         try:
             # /metrics counts every finished generation, whoever asked for it (HTTP or UI)
-            return engine.submit(prompt, params, lambda f: self.metrics.record_generation(engine.name, f))
+            return engine.submit(
+                prompt, params, lambda f: self.metrics.record_generation(engine.name, f), self.config.request_timeout
+            )
         except PromptTooLong as err:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
+        except InvalidPrompt as err:
+            raise invalid(str(err), param="prompt") from None
         except EngineBusy as err:
-            raise APIError(503, f"{err}; retry shortly", "server_error", "overloaded", headers={"Retry-After": "1"}) from None
+            raise overloaded(err) from None
+
+    def drain(self, timeout: float) -> None:
+        for engine in self.engines.values():
+            engine.drain(timeout)
 
     def finqa_style(self, name: str) -> finqa.PromptStyle:
         return self.finqa_styles.get(name, finqa.BASE_STYLE)
@@ -305,8 +350,28 @@ async def stream_sse(
                 if include_usage:  # OpenAI's closing chunk: no choices, just the usage
                     yield sse({**chunk(None, None), "choices": [], "usage": usage_of(event).model_dump()})
     except EngineError as err:  # headers are gone already: report in-band, as OpenAI does
-        yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+        yield sse(engine_failure(err).body())
     yield sse("[DONE]")
+
+
+async def unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` while watching the connection: a client that hangs up on a non-streamed request cancels its
+    generation, as a streamed one does (which notices by itself), rather than leaving it to run for nobody."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done; else its generation is cancelled with it
+    if task not in done:  # nobody reads this answer, but the access log and /metrics show why it ended
+        raise APIError(499, "the client closed the connection", "invalid_request_error", "client_closed")
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes: after the body, the next message on a connection is its disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -325,14 +390,21 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         title="adaptserve",
         version="0.1.0",
         lifespan=lifespan,
-        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)},
     )
     app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
+    keys = [*config.api_keys, *env_keys()]
+    # Outermost last: CORS answers preflights (which carry no key) and labels refusals; metrics count refusals.
+    app.add_middleware(Guard, keys=keys, max_body_bytes=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
     if pool.backend == "transformers":  # only its engine attaches adapters without merging them
         from adaptserve.serve.admin import admin_router
 
         app.include_router(admin_router(pool, [Path(d) for d in config.adapter_dir]))
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if keys and config.ui:
+        log.warning("API keys guard /v1 and /admin, but not the UI at /ui: pass --no-ui where the port is exposed")
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -351,11 +423,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return APIError(err.status_code, str(err.detail), kind, headers=dict(err.headers or {})).response()
+        code = "request_too_large" if err.status_code == 413 else None
+        return APIError(err.status_code, str(err.detail), kind, code, headers=dict(err.headers or {})).response()
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, err: EngineError) -> JSONResponse:
-        return APIError(500, str(err), "server_error").response()
+        return engine_failure(err).response()
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:
@@ -375,7 +448,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return ModelList(data=[ModelCard(id=s.name, created=now, description=s.description) for s in pool.specs])
 
     @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(req: CompletionRequest) -> Response | CompletionResponse:
+    async def completions(req: CompletionRequest, request: Request) -> Response | CompletionResponse:
         engine = pool.get(req.model)
         generation = pool.start(engine, engine.tokenize(req.prompt_text()), sampling_params(req, config.max_tokens_cap))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -386,7 +459,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
         if req.stream:
             return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await generation.collect()
+        done = await unless_gone(request, generation.collect())
         return CompletionResponse(
             id=rid,
             created=now,
@@ -396,7 +469,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
         engine = pool.get(req.model)
         try:
             prompt = engine.chat_prompt(req.message_dicts())
@@ -416,7 +489,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
         if req.stream:
             return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await generation.collect()
+        done = await unless_gone(request, generation.collect())
         return ChatCompletionResponse(
             id=rid,
             created=now,
@@ -426,9 +499,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/finqa", response_model=FinQAResponse)
-    async def finqa_answer(req: FinQARequest) -> FinQAResponse:
+    async def finqa_answer(req: FinQARequest, request: Request) -> FinQAResponse:
         engine = pool.get(req.model)
-        return await answer_finqa(pool, engine, req)
+        return await unless_gone(request, answer_finqa(pool, engine, req))
 
     if config.ui:
         from adaptserve.serve.ui import mount_ui

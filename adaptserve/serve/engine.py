@@ -43,10 +43,18 @@ class EngineError(RuntimeError):
 
 
 class EngineBusy(EngineError):
-    """The request queue is full; the caller should retry later."""
+    """The request queue is full, or the server is shutting down; the caller should retry later."""
 
 
-class PromptTooLong(ValueError):
+class TimedOut(EngineError):
+    """The request ran past its time limit and was cancelled."""
+
+
+class InvalidPrompt(ValueError):
+    """A prompt the engine cannot run: the caller's fault."""
+
+
+class PromptTooLong(InvalidPrompt):
     """Prompt plus requested completion does not fit the context window."""
 
 
@@ -75,6 +83,10 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    retry: bool = False  # not the request's fault (shutdown): the client may send it again
+
+
+SHUTTING_DOWN = Failed("server shutting down", retry=True)
 
 
 Event = TextDelta | Finished | Failed
@@ -87,10 +99,17 @@ class Completion:
 
 
 class Generation:
-    """The caller's end of one queued request: an async stream of events, cancelled when left early."""
+    """The caller's end of one queued request: an async stream of events, cancelled when left early or when
+    `timeout` seconds (queueing included) pass before it finishes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_finish: Callable[[Finished], None] | None = None) -> None:
-        self._loop, self._on_finish = loop, on_finish
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_finish: Callable[[Finished], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._loop, self._on_finish, self.timeout = loop, on_finish, timeout
+        self._deadline = loop.time() + timeout if timeout else None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -103,9 +122,9 @@ class Generation:
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         try:
             while True:
-                event = await self._events.get()
+                event = await self._next()
                 if isinstance(event, Failed):
-                    raise EngineError(event.message)
+                    raise (EngineBusy if event.retry else EngineError)(event.message)
                 if isinstance(event, Finished) and self._on_finish is not None:
                     self._on_finish(event)
                 yield event
@@ -114,6 +133,14 @@ class Generation:
         finally:
             # Client gone or consumer done: the worker drops the job at its next token (or before it starts).
             self.cancelled.set()
+
+    async def _next(self) -> Event:
+        if self._deadline is None:
+            return await self._events.get()
+        try:
+            return await asyncio.wait_for(self._events.get(), max(self._deadline - self._loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise TimedOut(f"the request ran past the server's limit of {self.timeout:g} s and was cancelled") from None
 
     async def collect(self) -> Completion:
         parts: list[str] = []
@@ -221,6 +248,7 @@ class LlamaCppEngine:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._held: list[tuple[_Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
         self._stopping = threading.Event()
+        self._drain_by: float | None = None  # set by drain(): when whatever still runs is failed
         # Written by the worker only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
         self.tokens_generated = 0
         self.requests_cancelled = 0
@@ -273,6 +301,8 @@ class LlamaCppEngine:
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
         """Completion tokens this prompt may have; raises PromptTooLong like OpenAI's context check."""
+        if not prompt:  # e.g. "" where the tokenizer adds no BOS
+            raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
         room = self.n_ctx - len(prompt)
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
@@ -285,11 +315,17 @@ class LlamaCppEngine:
     # ---- request side: async API for the HTTP layer ----
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, on_finish: Callable[[Finished], None] | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_finish: Callable[[Finished], None] | None = None,
+        timeout: float | None = None,
     ) -> Generation:
-        """Queue a generation; raises PromptTooLong or EngineBusy at once, before anything is streamed."""
+        """Queue a generation; raises InvalidPrompt or EngineBusy at once, before anything is streamed."""
         self.budget(prompt, params.max_tokens)
-        generation = Generation(asyncio.get_running_loop(), on_finish)
+        if self._drain_by is not None:
+            raise EngineBusy(f"model {self.name} is shutting down")
+        generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
         job = _Job(list(prompt), params, generation.put, generation.cancelled)
         try:
             self._jobs.put_nowait(job)
@@ -321,16 +357,14 @@ class LlamaCppEngine:
     def cached_prompt_tokens(self) -> int:
         return self.slots.cached_prompt_tokens
 
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests; those running or queued may finish within `timeout` seconds, then fail cleanly."""
+        self._drain_by = time.perf_counter() + timeout
+
     def close(self) -> None:
         """Stop the worker after the decode step in hand (running requests fail) and free the model."""
         self._stopping.set()
-        while True:  # drop queued jobs so shutdown does not wait for them
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit(Failed("server shutting down"))
+        self._fail_queued()
         self._jobs.put(None)  # wakes a worker waiting for work
         self._worker.join(timeout=30)
         self.slots.close()
@@ -339,18 +373,35 @@ class LlamaCppEngine:
 
     # ---- worker thread: the scheduler ----
 
+    def _fail_queued(self) -> None:
+        while True:  # so that shutdown does not wait for them
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(SHUTTING_DOWN)
+
     def _work(self) -> None:
         running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
         while not self._stopping.is_set():
+            if self._drain_by is not None and time.perf_counter() >= self._drain_by:
+                self._shed(running)
             self._admit(running)
             try:
                 self._step(running)
             except Exception as err:  # a failed decode leaves every sequence in it unusable, not the worker
                 log.exception("decode step failed on %s", self.name)
-                self._fail(running, f"{type(err).__name__}: {err}")
-        self._fail(running, "server shutting down")
+                self._fail(running, Failed(f"{type(err).__name__}: {err}"))
+        self._shed(running)
+
+    def _shed(self, running: list[_Sequence]) -> None:
+        """Fail every request the engine holds, running or waiting: the server is going away."""
+        self._fail(running, SHUTTING_DOWN)
         for job, _ in self._held:
-            job.emit(Failed("server shutting down"))
+            job.emit(SHUTTING_DOWN)
+        self._held.clear()
+        self._fail_queued()
 
     def _admit(self, running: list[_Sequence]) -> None:
         """Start jobs in free slots: held-back ones first, then queued ones; wait for a job only when nothing runs."""
@@ -389,8 +440,6 @@ class LlamaCppEngine:
         return False
 
     def _start(self, job: _Job, dequeued: float) -> _Sequence:
-        if not job.prompt:
-            raise ValueError("the prompt is empty: there is nothing to continue from")
         limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
         slot, cached = self.slots.acquire(job.prompt, min_copy=self.prefill_chunk)
@@ -452,9 +501,9 @@ class LlamaCppEngine:
         ttft = seq.first_token_at - seq.started if seq.first_token_at else None
         seq.job.emit(Finished(reason, len(seq.job.prompt), seq.n, ttft))
 
-    def _fail(self, running: list[_Sequence], message: str) -> None:
+    def _fail(self, running: list[_Sequence], failure: Failed) -> None:
         for seq in running:
             self.slots.reset(seq.slot)
             seq.sampler.close()
-            seq.job.emit(Failed(message))
+            seq.job.emit(failure)
         running.clear()

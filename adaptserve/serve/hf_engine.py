@@ -36,12 +36,14 @@ from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
 from adaptserve.serve.engine import (
     DEFAULT_SLOTS,
+    SHUTTING_DOWN,
     Completion,
     EngineBusy,
     Event,
     Failed,
     Finished,
     Generation,
+    InvalidPrompt,
     PromptTooLong,
     SamplingParams,
     StopMatcher,
@@ -159,6 +161,7 @@ class HFBase:
         self._active: set[str | None] = set()  # adapters the running batch uses
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._stopping = threading.Event()
+        self._drain_by: float | None = None  # set by drain(): when whatever still runs is failed
         self.slots_busy = 0
         # Written by the worker only; read by /metrics.
         self.tokens_generated = 0
@@ -235,6 +238,8 @@ class HFBase:
         return () if self.has_chat_template else ("\nUser:",)
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        if not prompt:  # e.g. "" where the tokenizer adds no BOS
+            raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
         room = self.n_ctx - len(prompt)
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
@@ -252,9 +257,12 @@ class HFBase:
         params: SamplingParams,
         adapter: str | None,
         on_finish: Callable[[Finished], None] | None = None,
+        timeout: float | None = None,
     ) -> Generation:
         self.budget(prompt, params.max_tokens)
-        generation = Generation(asyncio.get_running_loop(), on_finish)
+        if self._drain_by is not None:
+            raise EngineBusy(f"model {self.spec.name} is shutting down")
+        generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
         try:
             self._jobs.put_nowait(_Job(list(prompt), params, adapter, generation.put, generation.cancelled))
         except queue.Full:
@@ -264,6 +272,13 @@ class HFBase:
     @property
     def queue_depth(self) -> int:
         return self._jobs.qsize()
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests; those running or queued may finish within `timeout` seconds, then fail cleanly."""
+        self._drain_by = time.perf_counter() + timeout
+
+    def _drained(self) -> bool:
+        return self._drain_by is not None and time.perf_counter() >= self._drain_by
 
     def close(self) -> None:
         """Stop after the step in hand (running requests fail) and drop queued ones; safe to call twice."""
@@ -276,7 +291,7 @@ class HFBase:
             except queue.Empty:
                 break
             if job is not None:
-                job.emit(Failed("server shutting down"))
+                job.emit(SHUTTING_DOWN)
         self._jobs.put(None)
         self._worker.join(timeout=30)
         log.info("closed %s", self.spec.name)
@@ -286,6 +301,10 @@ class HFBase:
     def _work(self) -> None:
         while not self._stopping.is_set():
             jobs = self._take()
+            if self._drained():
+                for job in jobs:
+                    job.emit(SHUTTING_DOWN)
+                continue
             with self._lock:
                 for job in [j for j in jobs if j.adapter is not None and j.adapter not in self.adapters]:
                     job.emit(Failed(f"adapter {job.adapter!r} was unloaded"))
@@ -360,7 +379,7 @@ class HFBase:
         while True:
             tokens = [sample(logits[b], rows[r].job.params, rows[r].generator) for b, r in enumerate(live)]
             keep = [b for b, (r, token) in enumerate(zip(live, tokens, strict=True)) if self._advance(rows[r], token)]
-            if not keep or self._stopping.is_set():
+            if not keep or self._stopping.is_set() or self._drained():
                 break
             if len(keep) < len(live):  # finished rows leave the batch and the cache
                 index = torch.tensor(keep, device=self.device)
@@ -373,9 +392,10 @@ class HFBase:
             logits, cache = self._forward(
                 [rows[r] for r in live], input_ids=step, attention_mask=mask, position_ids=positions, cache=cache
             )
-        for r in live:  # stopped while running
+        for r in live:  # the server is going away
             if not rows[r].done:
-                self._finish(rows[r], "cancelled")
+                rows[r].done = True
+                rows[r].job.emit(SHUTTING_DOWN)
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take a sampled token; returns whether the row goes on."""
@@ -443,9 +463,16 @@ class HFEngine:
         return self.base.budget(prompt, max_tokens)
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, on_finish: Callable[[Finished], None] | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_finish: Callable[[Finished], None] | None = None,
+        timeout: float | None = None,
     ) -> Generation:
-        return self.base.submit(prompt, params, self.adapter, on_finish)
+        return self.base.submit(prompt, params, self.adapter, on_finish, timeout)
+
+    def drain(self, timeout: float) -> None:
+        self.base.drain(timeout)
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
         return await self.submit(prompt, params).collect()

@@ -3,6 +3,7 @@
 `checkpoints/step-00000040/` holds the weights as `save_pretrained` writes them (so a checkpoint is itself a
 loadable adapter, for picking the best on a dev set) and `state.pt`: optimizer, scheduler, RNG, the progress so far
 and the batch plan. A directory only ever appears under its final name complete, so the latest one is always whole.
+Its files are fsynced before the rename and the rename after it, so this holds through a power cut too, not just a kill.
 """
 
 from __future__ import annotations
@@ -63,11 +64,38 @@ def save(
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     torch.save(state, tmp / "state.pt")
+    _sync(tmp)
     os.replace(tmp, final)
+    _sync(root)
     for old in sorted(root.glob(f"{_PREFIX}*"))[:-KEEP]:
         shutil.rmtree(old)
     log.info("checkpoint %s", final)
     return final
+
+
+def save_final(model: Model, out: Path) -> None:
+    """The finished weights into `out`, each file replaced whole: a kill mid-write leaves the old file or the new."""
+    tmp = out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(model, tmp)
+    _sync(tmp)
+    for path in tmp.iterdir():
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+    _sync(out)
+
+
+def _sync(directory: Path) -> None:
+    """fsync the files in a directory, then the directory itself (its entries: the names just renamed in)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def restore(

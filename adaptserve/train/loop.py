@@ -22,7 +22,7 @@ from adaptserve.train import checkpoint
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.data import Batch, collate, encode, load_items, plan_batches
 from adaptserve.train.distributed import World, join
-from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, save_weights, use_bf16
+from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, use_bf16
 from adaptserve.train.report import Tracker, TrainReport
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def train(config: TrainConfig) -> TrainReport:
         world_size=world.size,
     )
     if world.main:
-        save_weights(model, out)
+        checkpoint.save_final(model, out)
         tokenizer.save_pretrained(out)
         report.write(out)
     world.close()
