@@ -3,7 +3,10 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/hf_batching.py --out benchmarks/results/hf-batching
 
-The base is loaded twice, into an `HFBase` with `--slots` each (default 1 and 4), on the CPU unless CUDA is there.
+The base is loaded twice, into an `HFBase` with `--slots` each (default 1 and 4), on the CPU unless CUDA is there,
+held as `--precision` says (auto: NF4 on CUDA, bf16 or fp32 on CPU); with `--adapter` every request goes through
+that LoRA adapter, attached unmerged. The weights' memory (parameters and buffers, NF4 packed as stored) and, on CUDA,
+the peak allocated memory are recorded, so runs at nf4 and bf16 compare memory as well as speed.
 Clients, prompts, rounds and the CPU-contention measure are `batching.py`'s, so the two engines' numbers compare.
 Writes `<out>/results.json` and `<out>/results.md`.
 """
@@ -22,7 +25,7 @@ from batching import DISTURBED_CORES, _ratio, run_rounds
 
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
-from adaptserve.serve.hf_engine import HFBase, HFEngine
+from adaptserve.serve.hf_engine import PRECISIONS, HFBase, HFEngine
 
 log = logging.getLogger("benchmarks.hf_batching")
 
@@ -30,6 +33,8 @@ log = logging.getLogger("benchmarks.hf_batching")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter directory every request goes through")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
@@ -43,9 +48,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     spec = resolve(args.model)
-    bases = [HFBase(spec, n_ctx=512, n_slots=slots, n_threads=args.threads) for slots in args.slots]
-    rounds = run_rounds([HFEngine(b, spec, None) for b in bases], args.clients, args.rounds, args.requests, args.max_tokens)
-    device, dtype = str(bases[0].device), str(bases[0].model.dtype)
+    bases = [HFBase(spec, n_ctx=512, n_slots=slots, n_threads=args.threads, precision=args.precision) for slots in args.slots]
+    weights = bases[0].model.get_memory_footprint()
+    served, adapter = spec, None
+    if args.adapter:
+        served, adapter = resolve(args.adapter), "adapter"
+        for base in bases:
+            base.load_adapter(adapter, served.path)
+    engines = [HFEngine(b, served, adapter) for b in bases]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rounds = run_rounds(engines, args.clients, args.rounds, args.requests, args.max_tokens)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    device, dtype = str(bases[0].device), describe_weights(bases[0])
     for base in bases:
         base.close()
     levels = [max(rounds[key], key=lambda lv: lv.tokens_per_second) for key in sorted(rounds)]
@@ -54,6 +69,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": spec.name,
+        "adapter": args.adapter,
+        "precision": args.precision,
+        "weights_bytes": weights,  # one base, before adapters
+        "cuda_peak_allocated_bytes": peak,  # every base loaded here (one per slot count) and the runs
         "engine": "HFEngine (transformers)",
         "device": device,
         "dtype": dtype,
@@ -73,10 +92,17 @@ def main() -> None:
     log.info("wrote %s", out)
 
 
+def describe_weights(base: HFBase) -> str:
+    """The dtype, or that the linear layers are 4-bit (their params are packed bytes then)."""
+    quant = getattr(base.model.config, "quantization_config", None)
+    return f"NF4 4-bit, {base.model.dtype} compute" if quant is not None else str(base.model.dtype)
+
+
 def markdown(summary: dict[str, Any]) -> str:
     unbatched = {lv["clients"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["slots"] == 1}
     lines = [
-        f"`{summary['model']}` through `HFEngine` on {summary['device']} ({summary['dtype']}), {summary['threads']} torch "
+        f"`{summary['model']}`{' + ' + summary['adapter'] if summary.get('adapter') else ''} through `HFEngine` on "
+        f"{summary['device']} ({summary['dtype']}, weights {summary['weights_bytes'] / 2**20:.0f} MiB), {summary['threads']} torch "
         f"thread(s), greedy, {summary['max_tokens']} output tokens per request, on {summary['machine']['cpu']} "
         f"({summary['machine']['cores']} cores); fastest of {summary['rounds']} interleaved rounds. 1 slot runs one "
         "request at a time; 4 slots batch up to 4 (static batching, left-padded prefill, finished rows leave the batch). "
@@ -92,6 +118,11 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )
+    if summary.get("cuda_peak_allocated_bytes"):
+        lines += [
+            "",
+            f"CUDA peak allocated: {summary['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB (all bases loaded here, and the runs).",
+        ]
     busiest = max((lv["other_cores"] or 0.0) for lv in summary["levels"])
     if busiest > DISTURBED_CORES:
         lines += [

@@ -89,6 +89,7 @@ class ServeConfig:
     adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
     backend: str = "auto"  # auto: transformers (4-bit NF4, adapters unmerged) with CUDA, llama.cpp without
     adapter_dir: list[str] = field(default_factory=list)  # where POST /admin/adapters may load adapters from
+    precision: str = "auto"  # transformers backend: nf4, bf16 or fp32; auto: nf4 on CUDA, bf16 or fp32 on CPU
     api_keys: list[str] = field(
         default_factory=list,
         repr=False,  # never in a log line or a traceback
@@ -237,7 +238,7 @@ class ModelPool:
 
         if spec.location not in self.bases:
             c = self.config
-            self.bases[spec.location] = HFBase(spec, c.n_ctx, c.queue_size, c.n_slots, c.n_threads)
+            self.bases[spec.location] = HFBase(spec, c.n_ctx, c.queue_size, c.n_slots, c.n_threads, precision=c.precision)
         return self.bases[spec.location]
 
     def add_adapter(self, name: str, path: Path) -> None:

@@ -57,6 +57,7 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # After the first request of a batch arrives, wait this long for others sent at the same moment: a whole batch
 # runs for seconds, and without it concurrent clients that resubmit together get split into lopsided batches.
 GATHER_SECONDS = 0.01
+PRECISIONS = ("auto", "nf4", "bf16", "fp32")  # how the base's weights are held (see load_base_model)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -92,15 +93,20 @@ def device_default() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base_model(location: str, device: torch.device) -> PreTrainedModel:
-    """4-bit NF4 on CUDA (a directory saved in NF4 already, like export's bnb4, loads as it is); on CPU bf16 where
-    the hardware computes it natively, else fp32."""
-    if device.type == "cuda":
-        config = Path(location) / "config.json"
-        quantized = config.is_file() and "quantization_config" in config.read_text()
-        extra = {} if quantized else {"quantization_config": _nf4(torch.bfloat16)}
-        return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}, **extra).eval()
-    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+def load_base_model(location: str, device: torch.device, precision: str = "auto") -> PreTrainedModel:
+    """`precision` auto: 4-bit NF4 on CUDA; on CPU bf16 where the hardware computes it natively, else fp32. A
+    directory saved in NF4 already (export's bnb4) loads as it is, whatever `precision` says."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    config = Path(location) / "config.json"
+    if config.is_file() and "quantization_config" in config.read_text():
+        return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}).eval()
+    if precision == "auto":
+        precision = "nf4" if device.type == "cuda" else "bf16" if use_bf16("auto", device) else "fp32"
+    if precision == "nf4":
+        nf4 = _nf4(torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}, quantization_config=nf4).eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
 
 
@@ -138,6 +144,7 @@ class HFBase:
         n_slots: int = DEFAULT_SLOTS,
         n_threads: int | None = None,
         device: torch.device | None = None,
+        precision: str = "auto",
     ) -> None:
         if n_threads is not None:
             # Process-wide. On a busy CPU fewer threads than cores is far faster: torch's threads spin-wait on each
@@ -146,7 +153,7 @@ class HFBase:
         self.spec = spec
         self.device = device or device_default()
         location = base_dir(spec.location)  # a GGUF is dequantized once into a cached HF copy
-        self.model: PreTrainedModel | PeftModel = load_base_model(location, self.device)
+        self.model: PreTrainedModel | PeftModel = load_base_model(location, self.device, precision)
         self.tokenizer = AutoTokenizer.from_pretrained(location)
         config = self.model.config
         self.n_ctx = min(n_ctx, getattr(config, "max_position_embeddings", n_ctx))
