@@ -18,3 +18,10 @@ HF_HUB_OFFLINE=1 .venv/bin/adaptserve bench \
   --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
   --concurrency 1 2 4 8 --requests 16 --max-tokens 64 --threads 2 \
   --out benchmarks/results/bench-cpu "$@"
+# The quant matrix: the adapter's q8_0 export, in a server of its own (so its footprint is its own), same questions,
+# text and load but 1 and 8 clients only.
+HF_HUB_OFFLINE=1 .venv/bin/adaptserve bench --models smollm2-135m-finqa@q8_0 \
+  --finqa ../shared/data/finqa/test.json --limit 50 \
+  --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
+  --concurrency 1 8 --requests 16 --max-tokens 64 --threads 2 \
+  --out benchmarks/results/bench-cpu/q8_0 "$@"
