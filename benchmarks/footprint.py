@@ -1,0 +1,73 @@
+"""Server memory against batching settings: peak RSS of `adaptserve serve` (base + adapted, no UI) per slots x context.
+
+    .venv/bin/python benchmarks/footprint.py --out benchmarks/results/footprint
+
+Each setting starts a fresh server, answers one request per model, and reads the kernel's high-water mark of its
+resident set (VmHWM). llama.cpp clears the KV cache it allocates, so every cell counts whether used or not: a model
+costs n_slots x n_ctx cells (about 22.5 KiB each for SmolLM2-135M) on top of its weights and the process.
+Writes `<out>/footprint.json` and `<out>/footprint.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from adaptserve.bench.load import free_port, launch
+from adaptserve.models import default_models
+
+log = logging.getLogger("benchmarks.footprint")
+SETTINGS = [(1, 4096), (2, 2048), (4, 1536), (2, 4096), (4, 2048), (4, 4096)]
+
+
+def measure(slots: int, n_ctx: int, threads: int, log_dir: Path) -> dict[str, float | int]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "adaptserve", "serve", "--port", str(port), "--no-ui", "--n-threads", str(threads),
+        "--n-slots", str(slots), "--n-ctx", str(n_ctx),
+    ]  # fmt: skip
+    models = default_models()
+    server = launch(cmd, f"http://127.0.0.1:{port}", models[0], log_dir / f"server-{slots}x{n_ctx}.log")
+    try:
+        for model in models[1:]:
+            body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).raise_for_status()
+        peak = server.peak_rss_bytes() or 0
+    finally:
+        server.stop()
+    return {"slots": slots, "n_ctx": n_ctx, "cells_per_model": slots * n_ctx, "peak_rss_mib": round(peak / 2**20)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/footprint"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="footprint-"))  # server logs, kept out of the results
+    rows = [measure(slots, n_ctx, args.threads, logs) for slots, n_ctx in SETTINGS]
+    (args.out / "footprint.json").write_text(json.dumps({"models": default_models(), "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())} (no UI), after one request each.",
+        "",
+        "| --n-slots | --n-ctx (per slot) | KV cells per model | peak RSS | within 600 MB |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['slots']} | {r['n_ctx']} | {r['cells_per_model']} | {r['peak_rss_mib']} MiB | "
+            f"{'yes' if r['peak_rss_mib'] * 2**20 <= 600e6 else 'no'} |"
+            for r in rows
+        ),
+    ]
+    (args.out / "footprint.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", args.out / "footprint.md")
+
+
+if __name__ == "__main__":
+    main()
