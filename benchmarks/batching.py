@@ -214,14 +214,19 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     spread = max(max(v) / min(v) - 1 for v in summary["all_rounds_tokens_per_second"].values())
     lines += ["", f"Rounds of one level differed by up to {spread:.0%} (every round is in results.json)."]
-    busiest = max((lv["other_cores"] or 0.0) for lv in summary["levels"])
-    if busiest > DISTURBED_CORES:
-        lines += [
-            "",
-            f"Other processes kept up to {busiest:.2f} cores busy during a level, so these timings are disturbed. "
-            "Re-run on an idle machine for numbers to quote.",
-        ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + disturbance(summary["levels"])) + "\n"
+
+
+def disturbance(levels: list[dict[str, Any]]) -> list[str]:
+    """A warning for the report when other processes used the CPU during a level."""
+    busiest = max((lv["other_cores"] or 0.0) for lv in levels)
+    if busiest <= DISTURBED_CORES:
+        return []
+    return [
+        "",
+        f"Other processes kept up to {busiest:.2f} cores busy during a level, so these timings are disturbed. "
+        "Re-run on an idle machine for numbers to quote.",
+    ]
 
 
 def _ratio(value: float, base: float | None) -> str:

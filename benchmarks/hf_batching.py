@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from batching import DISTURBED_CORES, _ratio, run_rounds
+from batching import _ratio, disturbance, run_rounds
 
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
@@ -123,14 +123,7 @@ def markdown(summary: dict[str, Any]) -> str:
             "",
             f"CUDA peak allocated: {summary['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB (all bases loaded here, and the runs).",
         ]
-    busiest = max((lv["other_cores"] or 0.0) for lv in summary["levels"])
-    if busiest > DISTURBED_CORES:
-        lines += [
-            "",
-            f"Other processes kept up to {busiest:.2f} cores busy during a level, so these timings are disturbed. "
-            "Re-run on an idle machine for numbers to quote.",
-        ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + disturbance(summary["levels"])) + "\n"
 
 
 if __name__ == "__main__":

@@ -201,6 +201,20 @@ class _Sequence:
     cut: bool = False  # a stop string ended it
 
 
+def completion_budget(prompt: list[int], max_tokens: int | None, n_ctx: int) -> int:
+    """Completion tokens this prompt may have in a context of `n_ctx`; raises InvalidPrompt for an empty prompt and
+    PromptTooLong like OpenAI's context check."""
+    if not prompt:  # e.g. "" where the tokenizer adds no BOS
+        raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
+    room = n_ctx - len(prompt)
+    if room <= 0 or (max_tokens is not None and max_tokens > room):
+        asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
+        raise PromptTooLong(
+            f"this model's maximum context length is {n_ctx} tokens, but the request has {len(prompt)} prompt tokens{asked}"
+        )
+    return room if max_tokens is None else max_tokens
+
+
 def _sampler(params: SamplingParams) -> _internals.LlamaSampler:
     """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p, penalties)."""
     sampler = _internals.LlamaSampler()
@@ -300,17 +314,7 @@ class LlamaCppEngine:
         return () if self._chat is not None else ("\nUser:",)
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        """Completion tokens this prompt may have; raises PromptTooLong like OpenAI's context check."""
-        if not prompt:  # e.g. "" where the tokenizer adds no BOS
-            raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
-        room = self.n_ctx - len(prompt)
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
-            raise PromptTooLong(
-                f"this model's maximum context length is {self.n_ctx} tokens, "
-                f"but the request has {len(prompt)} prompt tokens{asked}"
-            )
-        return room if max_tokens is None else max_tokens
+        return completion_budget(prompt, max_tokens, self.n_ctx)
 
     # ---- request side: async API for the HTTP layer ----
 

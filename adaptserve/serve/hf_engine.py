@@ -43,11 +43,10 @@ from adaptserve.serve.engine import (
     Failed,
     Finished,
     Generation,
-    InvalidPrompt,
-    PromptTooLong,
     SamplingParams,
     StopMatcher,
     TextDelta,
+    completion_budget,
 )
 from adaptserve.train.model import _nf4, base_dir, use_bf16
 
@@ -245,16 +244,7 @@ class HFBase:
         return () if self.has_chat_template else ("\nUser:",)
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        if not prompt:  # e.g. "" where the tokenizer adds no BOS
-            raise InvalidPrompt("the prompt is empty: there is nothing to continue from")
-        room = self.n_ctx - len(prompt)
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            asked = f" plus {max_tokens} completion tokens" if max_tokens is not None else ""
-            raise PromptTooLong(
-                f"this model's maximum context length is {self.n_ctx} tokens, "
-                f"but the request has {len(prompt)} prompt tokens{asked}"
-            )
-        return room if max_tokens is None else max_tokens
+        return completion_budget(prompt, max_tokens, self.n_ctx)
 
     # ---- request side ----
 
