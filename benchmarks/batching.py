@@ -132,6 +132,16 @@ def run_rounds(
     return levels
 
 
+def summarize_rounds(rounds: dict[tuple[int, int], list[Level]]) -> dict[str, Any]:
+    """Each level's fastest round (the least disturbed one), and every round's rate, for the results JSON."""
+    return {
+        "levels": [asdict(max(rounds[key], key=lambda lv: lv.tokens_per_second)) for key in sorted(rounds)],
+        "all_rounds_tokens_per_second": {
+            f"{s} slots, {c} clients": [lv.tokens_per_second for lv in lvs] for (s, c), lvs in sorted(rounds.items())
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -158,8 +168,6 @@ def main() -> None:
     ceilings = [decode_ceiling(widest, sizes) for _ in range(args.rounds)]
     for engine in engines.values():
         engine.close()
-    # The fastest round is the least disturbed one.
-    levels = [max(rounds[key], key=lambda lv: lv.tokens_per_second) for key in sorted(rounds)]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,11 +180,8 @@ def main() -> None:
         "machine": machine_info(),
         "rounds": args.rounds,
         "note": args.note,
-        "levels": [asdict(level) for level in levels],
+        **summarize_rounds(rounds),
         "decode_ceiling_tokens_per_second": {size: max(c[size] for c in ceilings) for size in sizes},
-        "all_rounds_tokens_per_second": {
-            f"{s} slots, {c} clients": [lv.tokens_per_second for lv in lvs] for (s, c), lvs in sorted(rounds.items())
-        },
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary))

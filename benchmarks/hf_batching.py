@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from batching import _ratio, disturbance, run_rounds
+from batching import _ratio, disturbance, run_rounds, summarize_rounds
 
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
@@ -63,7 +62,6 @@ def main() -> None:
     device, dtype = str(bases[0].device), describe_weights(bases[0])
     for base in bases:
         base.close()
-    levels = [max(rounds[key], key=lambda lv: lv.tokens_per_second) for key in sorted(rounds)]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,10 +80,7 @@ def main() -> None:
         "machine": machine_info(),
         "rounds": args.rounds,
         "note": args.note,
-        "levels": [asdict(level) for level in levels],
-        "all_rounds_tokens_per_second": {
-            f"{s} slots, {c} clients": [lv.tokens_per_second for lv in lvs] for (s, c), lvs in sorted(rounds.items())
-        },
+        **summarize_rounds(rounds),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary))

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import llama_cpp
 from llama_cpp import _internals
@@ -160,6 +161,57 @@ class _Job:
     cancelled: threading.Event
 
 
+class Emits(Protocol):
+    emit: Callable[[Event], None]
+
+
+J = TypeVar("J", bound=Emits)
+
+
+class JobQueue(Generic[J]):
+    """The bounded FIFO in front of an engine's worker, and the shutdown deadline set by drain(); both engines'."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self._jobs: queue.Queue[J | None] = queue.Queue(maxsize=size)
+        self._drain_by: float | None = None  # set by drain(): when whatever still runs is failed
+
+    def put(self, job: J) -> None:
+        """Queue a job, or raise EngineBusy: the queue is full or the server is shutting down."""
+        if self._drain_by is not None:
+            raise EngineBusy(f"model {self.name} is shutting down")
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise EngineBusy(f"model {self.name} has {self._jobs.maxsize} requests queued") from None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> J | None:
+        """The next job; None when close() wakes the worker. Raises queue.Empty as queue.Queue does."""
+        return self._jobs.get(block, timeout)
+
+    def qsize(self) -> int:
+        return self._jobs.qsize()
+
+    def drain(self, timeout: float) -> None:
+        self._drain_by = time.perf_counter() + timeout
+
+    def past_deadline(self) -> bool:
+        return self._drain_by is not None and time.perf_counter() >= self._drain_by
+
+    def fail_queued(self) -> None:
+        """Fail every job still waiting, so that shutdown does not wait for them."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(SHUTTING_DOWN)
+
+    def wake(self) -> None:
+        self._jobs.put(None)  # wakes a worker waiting for work
+
+
 class StopMatcher:
     """Cuts streamed text at the first stop string, holding back only what could still become one."""
 
@@ -259,10 +311,9 @@ class LlamaCppEngine:
         self.n_ctx = self.slots.n_ctx
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
         self._chat = self._chat_formatter()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._jobs: JobQueue[_Job] = JobQueue(self.name, queue_size)
         self._held: list[tuple[_Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
         self._stopping = threading.Event()
-        self._drain_by: float | None = None  # set by drain(): when whatever still runs is failed
         # Written by the worker only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
         self.tokens_generated = 0
         self.requests_cancelled = 0
@@ -327,14 +378,8 @@ class LlamaCppEngine:
     ) -> Generation:
         """Queue a generation; raises InvalidPrompt or EngineBusy at once, before anything is streamed."""
         self.budget(prompt, params.max_tokens)
-        if self._drain_by is not None:
-            raise EngineBusy(f"model {self.name} is shutting down")
         generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
-        job = _Job(list(prompt), params, generation.put, generation.cancelled)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise EngineBusy(f"model {self.name} has {self._jobs.maxsize} requests queued") from None
+        self._jobs.put(_Job(list(prompt), params, generation.put, generation.cancelled))
         return generation
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
@@ -363,13 +408,13 @@ class LlamaCppEngine:
 
     def drain(self, timeout: float) -> None:
         """Refuse new requests; those running or queued may finish within `timeout` seconds, then fail cleanly."""
-        self._drain_by = time.perf_counter() + timeout
+        self._jobs.drain(timeout)
 
     def close(self) -> None:
         """Stop the worker after the decode step in hand (running requests fail) and free the model."""
         self._stopping.set()
-        self._fail_queued()
-        self._jobs.put(None)  # wakes a worker waiting for work
+        self._jobs.fail_queued()
+        self._jobs.wake()
         self._worker.join(timeout=30)
         self.slots.close()
         self.llm.close()
@@ -377,19 +422,10 @@ class LlamaCppEngine:
 
     # ---- worker thread: the scheduler ----
 
-    def _fail_queued(self) -> None:
-        while True:  # so that shutdown does not wait for them
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.emit(SHUTTING_DOWN)
-
     def _work(self) -> None:
         running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
         while not self._stopping.is_set():
-            if self._drain_by is not None and time.perf_counter() >= self._drain_by:
+            if self._jobs.past_deadline():
                 self._shed(running)
             self._admit(running)
             try:
@@ -405,7 +441,7 @@ class LlamaCppEngine:
         for job, _ in self._held:
             job.emit(SHUTTING_DOWN)
         self._held.clear()
-        self._fail_queued()
+        self._jobs.fail_queued()
 
     def _admit(self, running: list[_Sequence]) -> None:
         """Start jobs in free slots: held-back ones first, then queued ones; wait for a job only when nothing runs."""

@@ -34,12 +34,16 @@ def refusal(status: int, message: str, code: str, headers: dict[str, str] | None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def too_large(limit: int) -> str:
+    return f"request body is larger than the server's limit of {limit} bytes"
+
+
 class BodyTooLarge(HTTPException):
     """Raised from `receive` when a body without a Content-Length grows past the cap; FastAPI re-raises
     HTTPExceptions from body reading as they are, so the app's handler answers 413 as JSON."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes")
+        super().__init__(413, too_large(limit))
 
 
 class Guard:
@@ -65,8 +69,7 @@ class Guard:
             return
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            message = f"request body is larger than the server's limit of {self.max_body_bytes} bytes"
-            await refusal(413, message, "request_too_large")(scope, receive, send)
+            await refusal(413, too_large(self.max_body_bytes), "request_too_large")(scope, receive, send)
             return
         seen = 0
 

@@ -38,11 +38,11 @@ from adaptserve.serve.engine import (
     DEFAULT_SLOTS,
     SHUTTING_DOWN,
     Completion,
-    EngineBusy,
     Event,
     Failed,
     Finished,
     Generation,
+    JobQueue,
     SamplingParams,
     StopMatcher,
     TextDelta,
@@ -165,9 +165,8 @@ class HFBase:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a batch ends: its adapters may be unloaded
         self._active: set[str | None] = set()  # adapters the running batch uses
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._jobs: JobQueue[_Job] = JobQueue(spec.name, queue_size)
         self._stopping = threading.Event()
-        self._drain_by: float | None = None  # set by drain(): when whatever still runs is failed
         self.slots_busy = 0
         # Written by the worker only; read by /metrics.
         self.tokens_generated = 0
@@ -257,13 +256,8 @@ class HFBase:
         timeout: float | None = None,
     ) -> Generation:
         self.budget(prompt, params.max_tokens)
-        if self._drain_by is not None:
-            raise EngineBusy(f"model {self.spec.name} is shutting down")
         generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
-        try:
-            self._jobs.put_nowait(_Job(list(prompt), params, adapter, generation.put, generation.cancelled))
-        except queue.Full:
-            raise EngineBusy(f"model {self.spec.name} has {self._jobs.maxsize} requests queued") from None
+        self._jobs.put(_Job(list(prompt), params, adapter, generation.put, generation.cancelled))
         return generation
 
     @property
@@ -272,24 +266,15 @@ class HFBase:
 
     def drain(self, timeout: float) -> None:
         """Refuse new requests; those running or queued may finish within `timeout` seconds, then fail cleanly."""
-        self._drain_by = time.perf_counter() + timeout
-
-    def _drained(self) -> bool:
-        return self._drain_by is not None and time.perf_counter() >= self._drain_by
+        self._jobs.drain(timeout)
 
     def close(self) -> None:
         """Stop after the step in hand (running requests fail) and drop queued ones; safe to call twice."""
         if self._stopping.is_set():
             return
         self._stopping.set()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit(SHUTTING_DOWN)
-        self._jobs.put(None)
+        self._jobs.fail_queued()
+        self._jobs.wake()
         self._worker.join(timeout=30)
         log.info("closed %s", self.spec.name)
 
@@ -298,7 +283,7 @@ class HFBase:
     def _work(self) -> None:
         while not self._stopping.is_set():
             jobs = self._take()
-            if self._drained():
+            if self._jobs.past_deadline():
                 for job in jobs:
                     job.emit(SHUTTING_DOWN)
                 continue
@@ -376,7 +361,7 @@ class HFBase:
         while True:
             tokens = [sample(logits[b], rows[r].job.params, rows[r].generator) for b, r in enumerate(live)]
             keep = [b for b, (r, token) in enumerate(zip(live, tokens, strict=True)) if self._advance(rows[r], token)]
-            if not keep or self._stopping.is_set() or self._drained():
+            if not keep or self._stopping.is_set() or self._jobs.past_deadline():
                 break
             if len(keep) < len(live):  # finished rows leave the batch and the cache
                 index = torch.tensor(keep, device=self.device)
