@@ -11,6 +11,7 @@ import pytest
 
 from adaptserve.models import resolve
 from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
+from adaptserve.serve.kvslots import Feed, KVSlots
 from adaptserve.serve.metrics import Metrics
 
 
@@ -161,6 +162,31 @@ def test_batched_output_matches_running_alone(batched: LlamaCppEngine) -> None:
             assert got == want, (i, got, want)
     assert batched.requests_cancelled == cancelled + len(cancel_after)
     assert_kv_matches_slots(batched)
+
+
+def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: LlamaCppEngine) -> None:
+    slots = KVSlots(batched.llm, 3, n_ctx=64, max_batch=16)
+    n_vocab = batched.llm.n_vocab()
+
+    def logits(row: int) -> list[float]:
+        return llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[:n_vocab]
+
+    try:
+        first, idle, last = slots.slots
+        for slot in slots.slots:
+            slots.decode([Feed(slot, batched.tokenize(f"Slot {slot.seq_id} reads the ledger"), logits=False)])
+        held = len(idle.cached)
+        step = [Feed(first, (1000,), logits=True), Feed(last, (1000,), logits=True)]
+        assert [f.slot for f in slots._gap_fillers(step)] == [idle]  # the step runs as one block of three
+        beside = logits(slots.decode(step)[1])
+        assert llama_cpp.llama_memory_seq_pos_max(slots.ctx.memory, idle.seq_id) == held - 1 == len(idle.cached) - 1
+        slots._truncate(last, len(last.cached) - 1)  # drop the step's token, then decode it with nothing beside it
+        (row,) = slots.decode([Feed(last, (1000,), logits=True)])
+        assert logits(row) == beside  # bit for bit
+        slots.decode([Feed(idle, batched.tokenize(" and the notes below it", add_bos=False), logits=False)])
+        assert slots._gap_fillers(step) == []  # longer than both: filling it would widen the step's attention
+    finally:
+        slots.close()
 
 
 def test_cancel_frees_the_slot_at_once(batched: LlamaCppEngine) -> None:

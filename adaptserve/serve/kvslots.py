@@ -13,7 +13,9 @@ measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), compari
   prompt's last chunk is never a single token, a fully cached prompt still has its last two tokens decoded again,
   and a finished request keeps only its prompt's cells for reuse; its reply's cells are freed at once.
 - Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
-  ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights.
+  ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
+  step fills each gap with a placeholder token for the idle slot, removed right after: one more row in the same
+  pass instead of a second pass (half the 8-client steps had a gap; see benchmarks/results/batching).
 
 A slot keeps its prompt's K/V after its request ends: that is the prefix cache. A new prompt goes to the free
 slot holding the longest prefix of it (the lowest such slot, so busy slots stay packed), or gets a copy of another
@@ -127,6 +129,31 @@ class KVSlots:
 
         The rows are valid until the next call.
         """
+        placeholders = self._gap_fillers(feeds)
+        held = [len(f.slot.cached) for f in placeholders]
+        batch = sorted([*feeds, *placeholders], key=lambda f: f.slot.seq_id)
+        try:
+            rows = dict(zip((f.slot.seq_id for f in batch), self._decode(batch), strict=True))
+        finally:
+            for feed, n in zip(placeholders, held, strict=True):
+                self._truncate(feed.slot, n)
+        return [rows[f.slot.seq_id] for f in feeds]
+
+    def _gap_fillers(self, feeds: Sequence[Feed]) -> list[Feed]:
+        """One-token feeds for the idle slots between a decode step's sequences, so that they form one run of ids.
+
+        Only a step of one token per sequence is filled: llama.cpp micro-batches sequences together only when each
+        has as many tokens. A slot holding more cells than every decoding one is left out (the step's attention
+        spans the longest stream in it, so its filler could cost more than the second pass), and so is a full one.
+        """
+        if len(feeds) < 2 or any(len(f.tokens) != 1 for f in feeds):
+            return []
+        ids = {f.slot.seq_id for f in feeds}
+        longest = min(max(len(f.slot.cached) for f in feeds), self.n_ctx - 1)
+        gaps = self.slots[min(ids) : max(ids) + 1]
+        return [Feed(s, (0,), logits=False) for s in gaps if s.seq_id not in ids and len(s.cached) <= longest]
+
+    def _decode(self, feeds: Sequence[Feed]) -> list[int]:
         batch, rows, n = self._batch.batch, [], 0
         for feed in feeds:
             start = len(feed.slot.cached)
