@@ -9,4 +9,4 @@ import logging
 from adaptserve.serve import ServeConfig, serve
 
 logging.basicConfig(level=logging.INFO)
-serve(ServeConfig(host="0.0.0.0", port=7860, n_ctx=4096))
+serve(ServeConfig(host="0.0.0.0", port=7860))

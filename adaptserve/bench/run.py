@@ -31,6 +31,7 @@ from adaptserve.serve.app import ModelPool, ServeConfig
 from adaptserve.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+ACCURACY_CTX = 4096
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
@@ -84,9 +85,10 @@ def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
         records = finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
     except finqa.FinQADataError as err:
         raise BenchError(f"finqa {config.finqa}: {err}") from err
-    pool = ModelPool(
-        [resolve(m) for m in config.models], ServeConfig(models=config.models, n_threads=config.threads, ui=False), Metrics()
-    )
+    # One question at a time, in a window wide enough for every FinQA prompt (2-shot base prompts reach ~2100
+    # tokens): accuracy must not depend on the server's slot sizing, which leaves outputs unchanged anyway.
+    serving = ServeConfig(models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX)
+    pool = ModelPool([resolve(m) for m in config.models], serving, Metrics())
     pool.load()
     rows = []
     try:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptserve import finqa
 from adaptserve.models import ModelSpec, default_models, resolve
 from adaptserve.serve.engine import (
+    DEFAULT_CTX,
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_SLOTS,
     EngineBusy,
@@ -79,7 +80,7 @@ class ServeConfig:
     models: list[str] = field(default_factory=default_models)
     host: str = "127.0.0.1"
     port: int = 8000
-    n_ctx: int = 4096  # context window of each slot (prompt + completion)
+    n_ctx: int = DEFAULT_CTX  # context window of each slot (prompt + completion)
     n_threads: int | None = None  # None: llama.cpp's default (all physical cores)
     max_tokens_cap: int = 2048
     queue_size: int = 64  # requests that may wait per model while all its slots are busy

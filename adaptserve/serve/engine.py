@@ -32,9 +32,12 @@ from adaptserve.serve.kvslots import Feed, KVSlots, Slot, common_prefix
 log = logging.getLogger(__name__)
 
 # Measured on 2 cores (benchmarks/results/batching): aggregate decode throughput stops growing at about 4
-# sequences, while each slot holds n_ctx tokens of KV. Prefill runs as fast in chunks of 64 as in larger ones,
-# and a smaller chunk stalls the running streams less while a long prompt goes in.
+# sequences (4 slots: 1.55x one client at 4-8 clients; 2 slots: 1.22x), while each slot holds n_ctx tokens of KV,
+# about 22.5 KiB per token for SmolLM2-135M. 2048 tokens a slot fits every FinQA prompt but one 2-shot base prompt
+# and serves base + adapted in 730 MiB (benchmarks/results/footprint). Prefill runs as fast in chunks of 64 as in
+# larger ones, and a smaller chunk stalls the running streams less while a long prompt goes in.
 DEFAULT_SLOTS = 4
+DEFAULT_CTX = 2048
 DEFAULT_PREFILL_CHUNK = 64
 _UNUSED_CTX = 256  # the Llama's own context: never decoded on, see LlamaCppEngine.__init__
 
@@ -290,7 +293,7 @@ class LlamaCppEngine:
     def __init__(
         self,
         spec: ModelSpec,
-        n_ctx: int = 4096,
+        n_ctx: int = DEFAULT_CTX,
         n_threads: int | None = None,
         queue_size: int = 64,
         n_slots: int = DEFAULT_SLOTS,

@@ -35,6 +35,7 @@ from adaptserve.export.config import ExportError
 from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
 from adaptserve.serve.engine import (
+    DEFAULT_CTX,
     DEFAULT_SLOTS,
     SHUTTING_DOWN,
     Completion,
@@ -138,7 +139,7 @@ class HFBase:
     def __init__(
         self,
         spec: ModelSpec,
-        n_ctx: int = 4096,
+        n_ctx: int = DEFAULT_CTX,
         queue_size: int = 64,
         n_slots: int = DEFAULT_SLOTS,
         n_threads: int | None = None,
