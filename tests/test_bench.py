@@ -90,7 +90,9 @@ def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:
         assert row["output_tokens"] == row["usage_tokens"] > 0  # tokens streamed = tokens the server counted
         assert row["tokens_per_second"] == pytest.approx(row["output_tokens"] / row["wall_seconds"], rel=0.01)
         assert 0 < row["ttft"]["p50"] <= row["ttft"]["p95"] <= row["e2e"]["p95"]
-    assert data["server"]["peak_rss_bytes"] > 50 * 2**20 and data["server"]["cold_start_seconds"] > 0
+    assert {a["backend"] for a in data["accuracy"]} == {r["backend"] for r in data["load"]} == {"llama.cpp"}
+    (server,) = data["servers"]
+    assert server["backend"] == "llama.cpp" and server["peak_rss_bytes"] > 50 * 2**20 and server["cold_start_seconds"] > 0
     assert [(s["model"], s["pp_tokens"], s["tg_tokens"]) for s in data["speed"]] == [
         ("smollm2-135m", 64, 16),
         ("smollm2-135m-finqa", 64, 16),
@@ -99,13 +101,39 @@ def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:
     assert [o["model"] for o in data["overhead"]] == ["smollm2-135m", "smollm2-135m-finqa"]
     assert all(o["ratio"] > 0 for o in data["overhead"])
     assert {(s["model"], s["backend"]) for s in data["skipped"]} == {
-        (m, b) for m in ("smollm2-135m", "smollm2-135m-finqa") for b in ("gpu-bnb4", "gpu-16bit")
+        (m, b) for m in ("smollm2-135m", "smollm2-135m-finqa") for b in ("transformers-nf4", "transformers-bf16")
     }
+
+
+def test_transformers_backend_runs_as_a_variant_of_its_own(tmp_path: Path) -> None:
+    """The GPU variants' code path, on CPU: the same models served by the transformers engine (base + unmerged
+    adapter), scored in process and load-tested through a server started with --backend transformers."""
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(PROMPTS[2]) + "\n", encoding="utf-8")
+    config = BenchConfig(
+        backends=["transformers-fp32"],
+        limit=1,
+        prompts=str(tmp_path / "prompts.jsonl"),
+        concurrency=[2],
+        requests=2,
+        max_tokens=4,
+        threads=1,
+        out=str(tmp_path),
+    )
+    data = bench(config)
+    assert [(a["model"], a["backend"], a["count"]) for a in data["accuracy"]] == [(m, "transformers-fp32", 1) for m in MODELS]
+    assert [(r["model"], r["backend"], r["errors"]) for r in data["load"]] == [(m, "transformers-fp32", 0) for m in MODELS]
+    assert all(r["output_tokens"] == r["usage_tokens"] > 0 for r in data["load"])
+    assert [s["backend"] for s in data["servers"]] == ["transformers-fp32"] and data["servers"][0]["peak_rss_bytes"]
+    assert data["speed"] == data["perplexity"] == data["overhead"] == data["skipped"] == []  # llama.cpp's measures
+    assert (tmp_path / "finqa-smollm2-135m-finqa.transformers-fp32.jsonl").is_file()
+    assert "smollm2-135m-finqa.transformers-fp32" in (tmp_path / "report.md").read_text()
 
 
 def test_bad_config_and_inputs_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="concurrency levels must be positive"):
         bench(BenchConfig(concurrency=[0], out=str(tmp_path)))
+    with pytest.raises(BenchError, match=r"unknown backends \['vllm'\]"):
+        bench(BenchConfig(backends=["vllm"], out=str(tmp_path)))
     (tmp_path / "bad.jsonl").write_text('{"text": "no id"}\n')
     with pytest.raises(BenchError, match="expected JSON lines with id and prompt"):
         bench(BenchConfig(prompts=str(tmp_path / "bad.jsonl"), out=str(tmp_path)))

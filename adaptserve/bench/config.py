@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 
 from adaptserve.models import default_models
 
+LLAMA_CPP = "llama.cpp"
+PRECISION = {"transformers-nf4": "nf4", "transformers-bf16": "bf16", "transformers-fp32": "fp32"}  # -> serve --precision
+BACKENDS = (LLAMA_CPP, *PRECISION)
+GPU_BACKENDS = ("transformers-nf4", "transformers-bf16")  # what `auto` adds where CUDA is
+
+
+def variant(model: str, backend: str) -> str:
+    """A model on a backend, as files and report rows name it: the model alone for GGUF on llama.cpp (or `--url`)."""
+    return model if backend in (LLAMA_CPP, "url") else f"{model}.{backend}"
+
 
 class BenchError(ValueError):
     """A bench run that cannot start: bad config, unreadable inputs, a server that does not answer."""
@@ -22,6 +32,13 @@ class BenchConfig:
     prompts: str = field(
         default="builtin",
         metadata={"help": "evaluation prompt JSONL (id, prompt, optional expect_any and reference); builtin: the shipped set"},
+    )
+    backends: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": f"{', '.join(BACKENDS)}; auto: {LLAMA_CPP}, plus {' and '.join(GPU_BACKENDS)} where CUDA is "
+            "(reported as skipped where not). A transformers backend named here runs on CPU too"
+        },
     )
     url: str | None = field(
         default=None, metadata={"help": "an OpenAI-compatible server to load-test; unset: start our own on loopback"}
@@ -48,6 +65,10 @@ class BenchConfig:
         errors = []
         if not self.models:
             errors.append("models must name at least one model")
+        if unknown := [b for b in self.backends if b not in (*BACKENDS, "auto")]:
+            errors.append(f"unknown backends {unknown}: choose from auto, {', '.join(BACKENDS)}")
+        if self.url and self.backends != ["auto"]:
+            errors.append("backends: --url measures that one server over HTTP; leave backends at auto")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             errors.append(f"concurrency levels must be positive, got {self.concurrency}")
         if self.requests < 1 or self.max_tokens < 1:

@@ -164,10 +164,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: Sequence[str], threads: int | None, log_path: Path, timeout: float = 600.0) -> Server:
-    """Our own server on a free loopback port, without the UI; waits until it answers a one-token request."""
+def start_server(
+    models: Sequence[str], threads: int | None, log_path: Path, options: Sequence[str] = (), timeout: float = 600.0
+) -> Server:
+    """Our own server on a free loopback port, without the UI, with any further `serve` flags in `options`; waits
+    until it answers a one-token request."""
     port = free_port()
-    cmd = [sys.executable, "-m", "adaptserve", "serve", "--models", *models, "--port", str(port), "--no-ui"]
+    cmd = [sys.executable, "-m", "adaptserve", "serve", "--models", *models, "--port", str(port), "--no-ui", *options]
     if threads:
         cmd += ["--n-threads", str(threads)]
     return launch(cmd, f"http://127.0.0.1:{port}", models[0], log_path, timeout)

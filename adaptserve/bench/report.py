@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adaptserve.bench.config import variant
+
 
 def write(results: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text(markdown(results), encoding="utf-8")
@@ -30,7 +32,7 @@ def markdown(results: dict[str, Any]) -> str:
         for a in results["accuracy"]:
             low, high = a["ci95"]
             lines.append(
-                f"| {a['model']} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
+                f"| {variant(a['model'], a['backend'])} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
                 f"| {100 * a['program_exact_match']:.1f}% | {100 * a['executable_programs']:.0f}% | {a['mean_prompt_tokens']:.0f} |"
             )
     if results["perplexity"]:
@@ -44,7 +46,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for p in results["prompts"]:
         lines.append(
-            f"| {p['model']} | {p['prompts']} | {p['expected_found']}/{p['expected_checked']} | {p['mean_completion_tokens']:.0f} "
+            f"| {variant(p['model'], p['backend'])} | {p['prompts']} | {p['expected_found']}/{p['expected_checked']} | {p['mean_completion_tokens']:.0f} "
             f"| {p['referenced']} | {_maybe(p['rouge_l'], '.3f')} | {_maybe(p['bleu'], '.1f')} |"
         )
     if not any(p["referenced"] for p in results["prompts"]):
@@ -59,7 +61,7 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["load"]:
         ttft, tpot, e2e = row["ttft"], row["tpot"], row["e2e"]
         lines.append(
-            f"| {row['model']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['tokens_per_second']:.1f} "
+            f"| {variant(row['model'], row['backend'])} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['tokens_per_second']:.1f} "
             f"| {row['requests_per_second']:.2f} | {ttft.get('p50', 0):.3f} / {ttft.get('p95', 0):.3f} "
             f"| {1000 * tpot.get('p50', 0):.1f} | {e2e.get('p50', 0):.2f} / {e2e.get('p95', 0):.2f} |"
         )
@@ -83,9 +85,10 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "Skipped: " + "; ".join(f"{s['model']} on {s['backend']} ({s['reason']})" for s in results["skipped"]) + ".",
         ]
-    if server := results.get("server"):
+    for server in results["servers"]:
         rss = server["peak_rss_bytes"]
-        lines += ["", f"Server: cold start {server['cold_start_seconds']:.1f} s, peak RSS {rss / 2**20:.0f} MiB." if rss else ""]
+        memory = f", peak RSS {rss / 2**20:.0f} MiB" if rss else ""
+        lines += ["", f"Server ({server['backend']}, all models): cold start {server['cold_start_seconds']:.1f} s{memory}."]
     return "\n".join(lines) + "\n"
 
 
@@ -127,15 +130,15 @@ def plots(results: dict[str, Any], out: Path) -> None:
             [100 * (a["execution_accuracy"] - a["ci95"][0]) for a in rows],
             [100 * (a["ci95"][1] - a["execution_accuracy"]) for a in rows],
         ]
-        ax.bar([a["model"] for a in rows], values, yerr=errors, capsize=6, color="tab:blue")
+        ax.bar([variant(a["model"], a["backend"]) for a in rows], values, yerr=errors, capsize=6, color="tab:blue")
         ax.set(ylabel="execution accuracy (%)", title="FinQA execution accuracy (95% CI)")
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for model in dict.fromkeys(row["model"] for row in results["load"]):
-        rows = [r for r in results["load"] if r["model"] == model]
+    for model in dict.fromkeys(variant(row["model"], row["backend"]) for row in results["load"]):
+        rows = [r for r in results["load"] if variant(r["model"], r["backend"]) == model]
         levels = [r["concurrency"] for r in rows]
         (line,) = left.plot(levels, [r["tokens_per_second"] for r in rows], marker="o", label=model)
         color = line.get_color()

@@ -21,10 +21,10 @@ from tqdm import tqdm
 from adaptserve import finqa
 from adaptserve.bench import report
 from adaptserve.bench.accuracy import evaluate_finqa
-from adaptserve.bench.config import BenchConfig, BenchError
-from adaptserve.bench.load import Server, run_level, start_server
+from adaptserve.bench.config import GPU_BACKENDS, LLAMA_CPP, PRECISION, BenchConfig, BenchError, variant
+from adaptserve.bench.load import run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
-from adaptserve.bench.prompts import answer_all, load_prompts, summarize
+from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, llama_bench, served_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.app import ModelPool, ServeConfig
@@ -41,37 +41,17 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(config.prompts)
+    backends, skipped = _backends(config)
+    gguf = LLAMA_CPP in backends
     results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config), "started": time.time()}
     # first: a text too short for the context fails here, not after the accuracy run
-    results["perplexity"] = [dataclasses.asdict(p) for p in _perplexity(config, config.ppl)] if config.ppl else []
-    results["accuracy"] = _accuracy(config, out) if config.accuracy else []
-    results["speed"] = [dataclasses.asdict(s) for s in _speed(config)]
-    results["skipped"] = _skipped(config)
-
-    server: Server | None = None if config.url else start_server(config.models, config.threads, out / "server.log")
-    url = config.url or server.url  # type: ignore[union-attr]
-    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
-    results["prompts"], results["load"] = [], []
-    try:
-        for model in config.models:
-            answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
-            _write_jsonl(out / f"prompts-{model}.jsonl", answers)
-            results["prompts"].append(summarize(model, answers))
-            for level in config.concurrency:
-                requests = max(config.requests, level)
-                result, _ = asyncio.run(run_level(url, model, conversations, level, requests, config.max_tokens))
-                log.info(
-                    "%s x%d: %.1f tokens/s, p95 TTFT %.3fs", model, level, result.tokens_per_second, result.ttft.get("p95", 0)
-                )
-                results["load"].append(dataclasses.asdict(result))
-    finally:
-        if server is not None:
-            results["server"] = {
-                "url": url,
-                "cold_start_seconds": round(server.cold_start_seconds, 2),
-                "peak_rss_bytes": server.peak_rss_bytes(),
-            }
-            server.stop()
+    results["perplexity"] = [dataclasses.asdict(p) for p in _perplexity(config, config.ppl)] if config.ppl and gguf else []
+    results["accuracy"] = [row for b in backends for row in _accuracy(config, out, b)] if config.accuracy else []
+    results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
+    results["skipped"] = skipped
+    results["prompts"], results["load"], results["servers"] = [], [], []
+    for backend in ["url"] if config.url else backends:
+        _over_http(config, backend, prompts, out, results)
     results["overhead"] = _overhead(results["speed"], results["load"])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write(results, out)
@@ -79,7 +59,54 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
+def _backends(config: BenchConfig) -> tuple[list[str], list[dict[str, str]]]:
+    """The backends to run, and the variants left out with the reason (said out loud rather than dropped)."""
+    if config.backends != ["auto"]:
+        return list(dict.fromkeys(config.backends)), []
+    if _gpu() is not None:
+        return [LLAMA_CPP, *GPU_BACKENDS], []
+    reason = "no CUDA GPU on this machine"
+    return [LLAMA_CPP], [{"model": m, "backend": b, "reason": reason} for m in config.models for b in GPU_BACKENDS]
+
+
+def _over_http(config: BenchConfig, backend: str, prompts: list[EvalPrompt], out: Path, results: dict[str, Any]) -> None:
+    """The prompt set and the load levels for every model on one backend: `config.url`, or a server of our own."""
+    options = [] if backend in (LLAMA_CPP, "url") else ["--backend", "transformers", "--precision", PRECISION[backend]]
+    log_path = out / ("server.log" if backend == LLAMA_CPP else f"server-{backend}.log")
+    server = None if config.url else start_server(config.models, config.threads, log_path, options)
+    url = config.url or server.url  # type: ignore[union-attr]
+    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    try:
+        for model in config.models:
+            answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
+            _write_jsonl(out / f"prompts-{variant(model, backend)}.jsonl", answers)
+            results["prompts"].append({**summarize(model, answers), "backend": backend})
+            for level in config.concurrency:
+                requests = max(config.requests, level)
+                result, _ = asyncio.run(run_level(url, model, conversations, level, requests, config.max_tokens))
+                log.info(
+                    "%s on %s x%d: %.1f tokens/s, p95 TTFT %.3fs",
+                    model,
+                    backend,
+                    level,
+                    result.tokens_per_second,
+                    result.ttft.get("p95", 0),
+                )
+                results["load"].append({**dataclasses.asdict(result), "backend": backend})
+    finally:
+        if server is not None:
+            results["servers"].append(
+                {
+                    "backend": backend,
+                    "url": url,
+                    "cold_start_seconds": round(server.cold_start_seconds, 2),
+                    "peak_rss_bytes": server.peak_rss_bytes(),
+                }
+            )
+            server.stop()
+
+
+def _accuracy(config: BenchConfig, out: Path, backend: str) -> list[dict[str, Any]]:
     source, _, split = config.finqa.partition("@")
     try:
         records = finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
@@ -88,6 +115,8 @@ def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
     # One question at a time, in a window wide enough for every FinQA prompt (2-shot base prompts reach ~2100
     # tokens): accuracy must not depend on the server's slot sizing, which leaves outputs unchanged anyway.
     serving = ServeConfig(models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX)
+    if backend != LLAMA_CPP:
+        serving = dataclasses.replace(serving, backend="transformers", precision=PRECISION[backend])
     pool = ModelPool([resolve(m) for m in config.models], serving, Metrics())
     pool.load()
     rows = []
@@ -95,8 +124,8 @@ def _accuracy(config: BenchConfig, out: Path) -> list[dict[str, Any]]:
         for name in pool.names:
             style = pool.finqa_style(name)
             accuracy, predictions = evaluate_finqa(pool.engines[name], records, style)
-            _write_jsonl(out / f"finqa-{name}.jsonl", predictions)
-            rows.append({"data": config.finqa, "style": dataclasses.asdict(style), **accuracy.as_dict()})
+            _write_jsonl(out / f"finqa-{variant(name, backend)}.jsonl", predictions)
+            rows.append({"data": config.finqa, "backend": backend, "style": dataclasses.asdict(style), **accuracy.as_dict()})
     finally:
         pool.close()
     return rows
@@ -131,7 +160,14 @@ def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[d
     the same GGUF and threads: what the server layer costs."""
     rows = []
     for direct in speed:
-        single = next((r for r in load if r["model"] == direct["model"] and r["concurrency"] == 1 and r["tpot"]), None)
+        single = next(
+            (
+                r
+                for r in load
+                if r["model"] == direct["model"] and r["backend"] in (LLAMA_CPP, "url") and r["concurrency"] == 1 and r["tpot"]
+            ),
+            None,
+        )
         if single is None:
             continue
         http = 1 / single["tpot"]["mean"]
@@ -144,15 +180,6 @@ def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[d
             }
         )
     return rows
-
-
-def _skipped(config: BenchConfig) -> list[dict[str, str]]:
-    """Variants this machine cannot run, said out loud rather than dropped."""
-    if _gpu() is not None:
-        reason = "GPU backends (transformers 16-bit, bitsandbytes 4-bit) are not in adaptserve bench yet"
-    else:
-        reason = "no CUDA GPU on this machine"
-    return [{"model": m, "backend": backend, "reason": reason} for m in config.models for backend in ("gpu-bnb4", "gpu-16bit")]
 
 
 def _write_jsonl(path: Path, rows: list[Any]) -> None:
