@@ -100,7 +100,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{summary['device']} ({summary['dtype']}, weights {summary['weights_bytes'] / 2**20:.0f} MiB), {summary['threads']} torch "
         f"thread(s), greedy, {summary['max_tokens']} output tokens per request, on {summary['machine']['cpu']} "
         f"({summary['machine']['cores']} cores); fastest of {summary['rounds']} interleaved rounds. 1 slot runs one "
-        "request at a time; 4 slots batch up to 4 (static batching, left-padded prefill, finished rows leave the batch). "
+        "request at a time; N slots batch up to N (static batching, left-padded prefill, finished rows leave the batch). "
         "Reproduce: `PYTHONPATH=. .venv/bin/python benchmarks/hf_batching.py`.",
         "",
         *([summary["note"], ""] if summary.get("note") else []),
