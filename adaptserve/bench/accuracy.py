@@ -69,7 +69,9 @@ class AccuracyReport:
         return asdict(self)
 
 
-async def predict(engine: LlamaCppEngine | HFEngine, record: finqa.FinQARecord, style: finqa.PromptStyle, max_tokens: int) -> Prediction:
+async def predict(
+    engine: LlamaCppEngine | HFEngine, record: finqa.FinQARecord, style: finqa.PromptStyle, max_tokens: int
+) -> Prediction:
     parts = finqa.record_prompt(record, style, chat=engine.has_chat_template)
     prompt = engine.chat_prompt(parts) if isinstance(parts, list) else engine.tokenize(parts)
     done = await engine.complete(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",)))

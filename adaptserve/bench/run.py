@@ -46,7 +46,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config), "started": time.time()}
     # first: a text too short for the context fails here, not after the accuracy run
     results["perplexity"] = [dataclasses.asdict(p) for p in _perplexity(config, config.ppl)] if config.ppl and gguf else []
-    results["accuracy"] = [row for b in backends for row in _accuracy(config, out, b)] if config.accuracy else []
+    records = _finqa_records(config) if config.accuracy else []
+    results["accuracy"] = [row for b in backends for row in _accuracy(config, records, out, b)] if config.accuracy else []
     results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
     results["skipped"] = skipped
     results["prompts"], results["load"], results["servers"] = [], [], []
@@ -106,12 +107,15 @@ def _over_http(config: BenchConfig, backend: str, prompts: list[EvalPrompt], out
             server.stop()
 
 
-def _accuracy(config: BenchConfig, out: Path, backend: str) -> list[dict[str, Any]]:
+def _finqa_records(config: BenchConfig) -> list[finqa.FinQARecord]:
     source, _, split = config.finqa.partition("@")
     try:
-        records = finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
+        return finqa.load_finqa(None if source == "sample" else source, split or Path(source).stem)[: config.limit]
     except finqa.FinQADataError as err:
         raise BenchError(f"finqa {config.finqa}: {err}") from err
+
+
+def _accuracy(config: BenchConfig, records: list[finqa.FinQARecord], out: Path, backend: str) -> list[dict[str, Any]]:
     # One question at a time, in a window wide enough for every FinQA prompt (2-shot base prompts reach ~2100
     # tokens): accuracy must not depend on the server's slot sizing, which leaves outputs unchanged anyway.
     serving = ServeConfig(models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX)

@@ -497,8 +497,7 @@ class LlamaCppEngine:
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1
             self._finish(running, seq, "cancelled")
-        # in slot order: llama.cpp micro-batches only consecutive sequence ids together
-        decoding = sorted((s for s in running if not s.pending), key=lambda s: s.slot.seq_id)
+        decoding = [s for s in running if not s.pending]  # KVSlots.decode puts them in slot order, gaps filled
         if decoding:
             rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
             for seq, row in zip(decoding, rows, strict=True):
