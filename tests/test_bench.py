@@ -98,8 +98,11 @@ def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:
         ("smollm2-135m-finqa", 64, 16),
     ]
     assert all(s["pp_tokens_per_second"] > 0 and s["tg_tokens_per_second"] > 0 for s in data["speed"])
+    assert all(s["chat_requests"] == 2 and 0 < s["chat_tpot"]["p50"] for s in data["speed"])  # as the 1-client level
     assert [o["model"] for o in data["overhead"]] == ["smollm2-135m", "smollm2-135m-finqa"]
-    assert all(o["ratio"] > 0 for o in data["overhead"])
+    for o in data["overhead"]:
+        assert o["ratio"] == pytest.approx(o["http_decode_tokens_per_second"] / o["direct_chat_tokens_per_second"], abs=0.01)
+        assert o["ratio_tg"] == pytest.approx(o["http_decode_tokens_per_second"] / o["direct_tg_tokens_per_second"], abs=0.01)
     assert {(s["model"], s["backend"]) for s in data["skipped"]} == {
         (m, b) for m in ("smollm2-135m", "smollm2-135m-finqa") for b in ("transformers-nf4", "transformers-bf16")
     }

@@ -22,7 +22,7 @@ from adaptserve import finqa
 from adaptserve.bench import report
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.bench.config import GPU_BACKENDS, LLAMA_CPP, PRECISION, BenchConfig, BenchError, variant
-from adaptserve.bench.load import run_level, start_server
+from adaptserve.bench.load import Message, run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, llama_bench, served_gguf
@@ -48,11 +48,12 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     results["perplexity"] = [dataclasses.asdict(p) for p in _perplexity(config, config.ppl)] if config.ppl and gguf else []
     records = _finqa_records(config) if config.accuracy else []
     results["accuracy"] = [row for b in backends for row in _accuracy(config, records, out, b)] if config.accuracy else []
-    results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
+    chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    results["speed"] = [dataclasses.asdict(s) for s in _speed(config, chats)] if gguf else []
     results["skipped"] = skipped
     results["prompts"], results["load"], results["servers"] = [], [], []
     for backend in ["url"] if config.url else backends:
-        _over_http(config, backend, prompts, out, results)
+        _over_http(config, backend, prompts, chats, out, results)
     results["overhead"] = _overhead(results["speed"], results["load"])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write(results, out)
@@ -70,13 +71,14 @@ def _backends(config: BenchConfig) -> tuple[list[str], list[dict[str, str]]]:
     return [LLAMA_CPP], [{"model": m, "backend": b, "reason": reason} for m in config.models for b in GPU_BACKENDS]
 
 
-def _over_http(config: BenchConfig, backend: str, prompts: list[EvalPrompt], out: Path, results: dict[str, Any]) -> None:
+def _over_http(
+    config: BenchConfig, backend: str, prompts: list[EvalPrompt], chats: list[list[Message]], out: Path, results: dict[str, Any]
+) -> None:
     """The prompt set and the load levels for every model on one backend: `config.url`, or a server of our own."""
     options = [] if backend in (LLAMA_CPP, "url") else ["--backend", "transformers", "--precision", PRECISION[backend]]
     log_path = out / ("server.log" if backend == LLAMA_CPP else f"server-{backend}.log")
     server = None if config.url else start_server(config.models, config.threads, log_path, options)
     url = config.url or server.url  # type: ignore[union-attr]
-    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
     try:
         for model in config.models:
             answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
@@ -84,7 +86,7 @@ def _over_http(config: BenchConfig, backend: str, prompts: list[EvalPrompt], out
             results["prompts"].append({**summarize(model, answers), "backend": backend})
             for level in config.concurrency:
                 requests = max(config.requests, level)
-                result, _ = asyncio.run(run_level(url, model, conversations, level, requests, config.max_tokens))
+                result, _ = asyncio.run(run_level(url, model, chats, level, requests, config.max_tokens))
                 log.info(
                     "%s on %s x%d: %.1f tokens/s, p95 TTFT %.3fs",
                     model,
@@ -148,20 +150,31 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
     return rows
 
 
-def _speed(config: BenchConfig) -> list[Speed]:
+def _speed(config: BenchConfig, chats: list[list[Message]]) -> list[Speed]:
+    single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
     rows = []
-    for model in tqdm(config.models, desc="pp512/tg128", unit="model"):
+    for model in tqdm(config.models, desc="pp/tg and direct chat", unit="model"):
         path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        rows.append(llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats))
+        speed = llama_bench(
+            model, path, config.threads, single_client, config.max_tokens, ServeConfig.n_ctx, config.pp, config.tg, config.repeats
+        )
+        rows.append(speed)
         log.info(
-            "%s: pp512 %.0f tokens/s, tg128 %.1f tokens/s", model, rows[-1].pp_tokens_per_second, rows[-1].tg_tokens_per_second
+            "%s: pp%d %.0f tokens/s, tg%d %.1f tokens/s, streamed chat %.1f tokens/s",
+            model,
+            speed.pp_tokens,
+            speed.pp_tokens_per_second,
+            speed.tg_tokens,
+            speed.tg_tokens_per_second,
+            1 / speed.chat_tpot["mean"] if speed.chat_tpot else 0.0,
         )
     return rows
 
 
 def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Single-client decode rate through HTTP (streamed, after the first token) against llama.cpp's own tg128 on
-    the same GGUF and threads: what the server layer costs."""
+    """Single-client decode rate through HTTP (streamed, after the first token) against llama-cpp-python's own
+    streamed chat completion of the same conversations (`ratio`: what the server costs over the library used
+    directly) and against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
     rows = []
     for direct in speed:
         single = next(
@@ -172,15 +185,17 @@ def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[d
             ),
             None,
         )
-        if single is None:
+        if single is None or not direct["chat_tpot"]:
             continue
-        http = 1 / single["tpot"]["mean"]
+        http, chat = 1 / single["tpot"]["mean"], 1 / direct["chat_tpot"]["mean"]
         rows.append(
             {
                 "model": direct["model"],
                 "http_decode_tokens_per_second": round(http, 2),
+                "direct_chat_tokens_per_second": round(chat, 2),
+                "ratio": round(http / chat, 3),
                 "direct_tg_tokens_per_second": direct["tg_tokens_per_second"],
-                "ratio": round(http / direct["tg_tokens_per_second"], 3),
+                "ratio_tg": round(http / direct["tg_tokens_per_second"], 3),
             }
         )
     return rows
