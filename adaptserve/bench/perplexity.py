@@ -24,6 +24,7 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
+from adaptserve import llama_thread
 from adaptserve.bench.config import BenchError
 
 
@@ -115,7 +116,7 @@ def _decode(llm: llama_cpp.Llama, batch: llama_cpp.llama_batch, chunk: list[int]
         batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, i >= first
         batch.seq_id[i][0] = 0
     batch.n_tokens = len(chunk)
-    if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+    if llama_thread.run(llama_cpp.llama_decode, llm.ctx, batch) != 0:
         raise RuntimeError(f"llama_decode failed on a {len(chunk)}-token chunk")
     # outputs are stored contiguously, in batch order, for the positions that asked for them
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(len(chunk) - first, llm.n_vocab()))

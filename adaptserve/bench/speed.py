@@ -13,6 +13,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from adaptserve import llama_thread
 from adaptserve.bench.load import Message, percentiles
 from adaptserve.models import resolve
 
@@ -66,7 +67,7 @@ def llama_bench(
         pp_runs = [pp / _timed(llm, [prompt]) for _ in range(repeats)]
         tg_runs = [tg / _timed(llm, [[token] for token in prompt[:tg]]) for _ in range(repeats)]
         llm.reset()
-        chat_tpot = [t for chat in chats if (t := _chat_tpot(llm, chat, max_tokens)) is not None]
+        chat_tpot = [t for chat in chats if (t := llama_thread.run(_chat_tpot, llm, chat, max_tokens)) is not None]
     finally:
         llm.close()
     return Speed(
@@ -91,7 +92,7 @@ def _timed(llm: llama_cpp.Llama, batches: list[list[int]]) -> float:
     llm.reset()
     start = time.perf_counter()
     for batch in batches:
-        llm.eval(batch)
+        llama_thread.run(llm.eval, batch)  # where the server decodes, at the same cost of a hand-off
     return time.perf_counter() - start
 
 

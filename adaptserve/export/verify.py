@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptserve import finqa
+from adaptserve import finqa, llama_thread
 
 Message = dict[str, str]
 N_PROMPTS = 3
@@ -103,19 +103,25 @@ def greedy_gguf(
     try:
         same_ids = all(llm.tokenize(p.text.encode("utf-8"), add_bos=p.add_bos, special=True) == p.ids for p in prompts)
         outputs = []
-        for prompt in tqdm(prompts, desc=progress, disable=progress is None):
-            # The sampler settings LlamaCppEngine uses at temperature 0: greedy, no penalties.
-            tokens = llm.generate(prompt.ids, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
-            out: list[int] = []
-            for token in tokens:
-                out.append(token)
-                if token in eos or len(out) >= n:
-                    break
-            tokens.close()
-            outputs.append(out)
+        outputs = [
+            llama_thread.run(_greedy_llama, llm, prompt.ids, n, eos)
+            for prompt in tqdm(prompts, desc=progress, disable=progress is None)
+        ]
     finally:
         llm.close()
     return outputs, same_ids
+
+
+def _greedy_llama(llm: llama_cpp.Llama, prompt: list[int], n: int, eos: set[int]) -> list[int]:
+    # The sampler settings LlamaCppEngine uses at temperature 0: greedy, no penalties.
+    tokens = llm.generate(prompt, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+    out: list[int] = []
+    for token in tokens:
+        out.append(token)
+        if token in eos or len(out) >= n:
+            break
+    tokens.close()
+    return out
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:

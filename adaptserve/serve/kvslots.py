@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import llama_cpp
 from llama_cpp import _internals
 
+from adaptserve import llama_thread
+
 
 @dataclass
 class Slot:
@@ -164,7 +166,7 @@ class KVSlots:
             batch.logits[n - 1] = feed.logits
             rows.append(n - 1 if feed.logits else -1)
         batch.n_tokens = n
-        if (rc := llama_cpp.llama_decode(self.ctx.ctx, batch)) != 0:
+        if (rc := llama_thread.run(llama_cpp.llama_decode, self.ctx.ctx, batch)) != 0:
             raise RuntimeError(f"llama_decode returned {rc} for {n} tokens over {len(feeds)} sequences")
         for feed in feeds:
             feed.slot.cached.extend(feed.tokens)

@@ -1,0 +1,29 @@
+"""One thread for all of llama.cpp's computing in this process.
+
+llama.cpp's CPU backend splits each graph over OpenMP threads, and libgomp gives every thread that starts a parallel
+region a worker team of its own. Once a process holds more OpenMP threads than cores, libgomp stops letting idle
+workers spin between regions (100 spins instead of ~3 ms) and every llama_decode then waits for its workers to be
+woken. With base and adapted each decoding on its own engine thread, 2 cores hold 3 such threads: single-client
+decoding of either model fell from ~75 to ~57 tokens/s as soon as both had answered once. Every llama_decode here
+(the engines, export checks, bench) therefore runs on this one thread: one team, however many models are loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_here = threading.local()
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama", initializer=lambda: setattr(_here, "inside", True))
+
+
+def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`fn(*args, **kwargs)` on the llama.cpp thread, the caller waiting for it; at once if called from there."""
+    if getattr(_here, "inside", False):
+        return fn(*args, **kwargs)
+    return _executor.submit(fn, *args, **kwargs).result()
