@@ -4,15 +4,20 @@
 
 For each FinQA record the adapter's own prompt (its training style) is answered greedily by the unmerged adapter
 (transformers + PEFT, fp32: the reference) and by every export: the merged GGUF at each quant, and the adapter GGUF
-applied by llama.cpp to the base GGUF. Same prompt token ids everywhere. Writes `<out>/export_fidelity.json` and
+applied by llama.cpp to the base GGUF. Same prompt token ids everywhere. Two measures say how much of a
+disagreement is the export and how much the model's own near-ties: the unmerged adapter once more in bf16 (a
+precision change alone, no export), and, where an output first leaves the reference's path, the reference's margin
+there (its top logit minus its logit for the token the other chose). Writes `<out>/export_fidelity.json` and
 `<out>/export_fidelity.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +39,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="adapters/smollm2-135m-finqa")
     parser.add_argument("--finqa", default="../shared/data/finqa/test.json")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--quants", nargs="+", default=["q8_0", "q4_k_m"])
+    parser.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/export")
     args = parser.parse_args()
@@ -52,23 +57,33 @@ def main() -> None:
     prompts = verify.encode(tokenizer, [finqa.record_prompt(r, style, chat=True) for r in records])
 
     tick = time.perf_counter()
-    reference = verify.greedy_hf(merge.attach(model, adapter), prompts, MAX_TOKENS, eos, "transformers")
+    peft = merge.attach(model, adapter)
+    reference = verify.greedy_hf(peft, prompts, MAX_TOKENS, eos, "transformers")
     ref = _Outputs(reference, records, tokenizer)
     rows: list[dict[str, Any]] = [_row("transformers + PEFT (reference)", ref, ref, tick)]
-    del model
 
+    def add(name: str, tokens: list[list[int]], tick: float) -> None:
+        rows.append(
+            _row(name, _Outputs(tokens, records, tokenizer), ref, tick) | {"margins": _margins(peft, prompts, reference, tokens)}
+        )
+
+    tick = time.perf_counter()
+    add(
+        "transformers + PEFT in bf16 (no export)",
+        verify.greedy_hf(copy.deepcopy(peft).to(torch.bfloat16), prompts, MAX_TOKENS, eos, "bf16"),
+        tick,
+    )
     for quant in args.quants:
         tick = time.perf_counter()
         path = ensure_gguf(adapter_dir, quant, args.threads)
-        tokens, _ = verify.greedy_gguf(path, prompts, MAX_TOKENS, eos, args.threads, progress=quant)
-        rows.append(_row(f"merged GGUF {quant}", _Outputs(tokens, records, tokenizer), ref, tick))
+        add(f"merged GGUF {quant}", verify.greedy_gguf(path, prompts, MAX_TOKENS, eos, args.threads, progress=quant)[0], tick)
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
         export(ExportConfig(adapter=str(adapter_dir), output_dir=tmp, formats=["lora-gguf"], verify_tokens=0))
         lora = next(Path(tmp).glob("*-lora.gguf"))
         base = resolve(base_ref).path
         tokens, _ = verify.greedy_gguf(base, prompts, MAX_TOKENS, eos, args.threads, lora, "lora-gguf")
-        rows.append(_row(f"adapter GGUF on {base.name}", _Outputs(tokens, records, tokenizer), ref, tick))
+        add(f"adapter GGUF on {base.name}", tokens, tick)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,18 +116,36 @@ def _row(name: str, outputs: _Outputs, reference: _Outputs, tick: float) -> dict
     }
 
 
+@torch.inference_mode()
+def _margins(model: Any, prompts: list[verify.Prompt], reference: list[list[int]], outputs: list[list[int]]) -> list[float]:
+    """Where each output first differs from the reference: the reference model's top logit minus its logit for the
+    token the output chose. Small margins are near-ties, which any change of arithmetic can flip."""
+    margins = []
+    for prompt, ref, out in zip(prompts, reference, outputs, strict=True):
+        k = next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b), None)
+        if k is not None:
+            logits = model(torch.tensor([prompt.ids + ref[:k]], device=model.device)).logits[0, -1].float()
+            margins.append(round(float(logits[ref[k]] - logits[out[k]]), 4))
+    return sorted(margins)
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"Adapter `{summary['adapter']}` on {summary['records']} records of `{summary['finqa']}`, greedy, up to "
-        f"{summary['max_tokens']} tokens. Agreement is with the unmerged adapter in transformers (fp32).",
+        f"{summary['max_tokens']} tokens. Agreement is with the unmerged adapter in transformers (fp32). Margin at "
+        "divergence: where an output first differs from the reference, the reference's top logit minus its logit "
+        "for the token the output chose (median and largest over the differing records).",
         "",
-        "| export | same program | same executed answer | mean agreeing prefix (tokens) | execution accuracy |",
-        "|---|---|---|---|---|",
+        "| export | same program | same executed answer | mean agreeing prefix (tokens) | execution accuracy "
+        "| margin at divergence: median / max |",
+        "|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
+        margins = row.get("margins")
+        spread = f"{statistics.median(margins):.2f} / {max(margins):.2f}" if margins else "-"
         lines.append(
             f"| {row['export']} | {100 * row['same_program']:.1f}% | {100 * row['same_answer']:.1f}% "
-            f"| {row['mean_prefix_tokens']:.1f} | {100 * row['execution_accuracy']:.1f}% |"
+            f"| {row['mean_prefix_tokens']:.1f} | {100 * row['execution_accuracy']:.1f}% | {spread} |"
         )
     return "\n".join(lines) + "\n"
 
