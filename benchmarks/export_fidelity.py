@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 row (on CPUs without bf16 matmuls, ~10 s a record)")
     parser.add_argument("--out", default="benchmarks/results/export")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,12 +68,10 @@ def main() -> None:
             _row(name, _Outputs(tokens, records, tokenizer), ref, tick) | {"margins": _margins(peft, prompts, reference, tokens)}
         )
 
-    tick = time.perf_counter()
-    add(
-        "transformers + PEFT in bf16 (no export)",
-        verify.greedy_hf(copy.deepcopy(peft).to(torch.bfloat16), prompts, MAX_TOKENS, eos, "bf16"),
-        tick,
-    )
+    if not args.no_bf16:
+        tick = time.perf_counter()
+        bf16 = copy.deepcopy(peft).to(torch.bfloat16)
+        add("transformers + PEFT in bf16 (no export)", verify.greedy_hf(bf16, prompts, MAX_TOKENS, eos, "bf16"), tick)
     for quant in args.quants:
         tick = time.perf_counter()
         path = ensure_gguf(adapter_dir, quant, args.threads)
