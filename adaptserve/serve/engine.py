@@ -4,7 +4,8 @@ The HTTP layer never touches the model. It tokenizes through the engine, submits
 `SamplingParams`, and reads `TextDelta`s then one `Finished` from the returned `Generation`. One worker
 thread owns all llama.cpp state and runs continuous batching: queued requests are admitted into free KV
 slots (see `kvslots.py`), prompts are prefilled a chunk per step, and every running sequence advances one
-token per `llama_decode`, each sampled from its own logits row with its own sampler. ctypes drops the GIL
+token per `llama_decode`, each sampled from its own logits row with its own sampler. The decode calls themselves
+run on the process's one llama.cpp thread (`llama_thread.py`), which every engine shares. ctypes drops the GIL
 during decode, so the event loop keeps serving HTTP meanwhile.
 """
 
