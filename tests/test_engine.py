@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 
 import llama_cpp
+import psutil
 import pytest
 
 from adaptserve.models import resolve
@@ -65,6 +67,18 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
 
     texts = asyncio.run(run())
     assert len(set(texts)) == 1 and texts[0]
+
+
+def test_default_threads_are_one_per_physical_core() -> None:
+    """llama-cpp-python alone would decode on half the logical CPUs: one thread on a 2-core VM."""
+    cores = min(psutil.cpu_count(logical=False) or 1, len(os.sched_getaffinity(0)))
+    eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=64, n_slots=1)
+    try:
+        ctx = eng.slots.ctx.ctx  # the batched context the engine decodes on
+        assert eng.n_threads == cores
+        assert (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (cores, cores)
+    finally:
+        eng.close()
 
 
 def test_chat_template_comes_from_the_gguf(engine: LlamaCppEngine) -> None:

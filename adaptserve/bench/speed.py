@@ -57,6 +57,7 @@ def llama_bench(
     repeats: int = 3,
 ) -> Speed:
     """pp/tg on random tokens, then each of `chats` streamed greedily up to `max_tokens` in an `n_ctx` window."""
+    threads = llama_thread.n_threads(threads)
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=max(n_ctx, pp + tg + 8), n_batch=pp, n_threads=threads, n_threads_batch=threads, verbose=False
     )

@@ -92,6 +92,7 @@ def greedy_gguf(
     """Greedy tokens from llama.cpp (with `lora` applied to the model, if given), and whether it tokenizes every
     prompt's text to the same ids; a progress bar titled `progress`, if given."""
     n_ctx = max(len(p.ids) for p in prompts) + n + 8
+    threads = llama_thread.n_threads(threads)
     llm = llama_cpp.Llama(
         model_path=str(path),
         lora_path=str(lora) if lora else None,

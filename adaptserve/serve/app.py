@@ -81,7 +81,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     n_ctx: int = DEFAULT_CTX  # context window of each slot (prompt + completion)
-    n_threads: int | None = None  # None: llama.cpp's default (all physical cores)
+    n_threads: int | None = None  # None: one per physical core (llama_thread.n_threads)
     max_tokens_cap: int = 2048
     queue_size: int = 64  # requests that may wait per model while all its slots are busy
     n_slots: int = DEFAULT_SLOTS  # requests per model decoded together (continuous batching)

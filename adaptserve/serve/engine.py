@@ -27,6 +27,7 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from adaptserve import llama_thread
 from adaptserve.models import ModelSpec
 from adaptserve.serve.kvslots import Feed, KVSlots, Slot, common_prefix
 
@@ -305,10 +306,11 @@ class LlamaCppEngine:
         self.name = spec.name
         self.spec = spec
         # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
-        # so the Llama's own context is left at the smallest size. n_threads_batch too: left alone it takes
-        # every core, and prompt processing stalls when one is busy.
+        # so the Llama's own context is left at the smallest size. Prefill and decode use the same threads: one per
+        # physical core unless told (llama-cpp-python's defaults decode on half the logical CPUs).
+        self.n_threads = llama_thread.n_threads(n_threads)
         self.llm = llama_cpp.Llama(
-            model_path=str(spec.path), n_ctx=_UNUSED_CTX, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+            model_path=str(spec.path), n_ctx=_UNUSED_CTX, n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False
         )
         self.prefill_chunk = prefill_chunk
         self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots))
@@ -324,9 +326,10 @@ class LlamaCppEngine:
         self._worker = threading.Thread(target=self._work, name=f"engine-{self.name}", daemon=True)
         self._worker.start()
         log.info(
-            "loaded %s (%s) slots=%d n_ctx=%d per slot prefill_chunk=%d chat_template=%s",
+            "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot prefill_chunk=%d chat_template=%s",
             self.name,
             spec.location,
+            self.n_threads,
             n_slots,
             self.n_ctx,
             prefill_chunk,
