@@ -36,6 +36,15 @@ class RequestResult:
     tokens: int  # content chunks received
     usage_tokens: int | None  # completion_tokens the server reported, if it did
 
+    @property
+    def tpot(self) -> float | None:
+        """Seconds per content chunk after the first; None for a failed request or one below two chunks."""
+        return (
+            (self.e2e - self.ttft) / (self.tokens - 1)
+            if self.error is None and self.ttft is not None and self.tokens > 1
+            else None
+        )
+
 
 @dataclass
 class LevelResult:
@@ -129,7 +138,7 @@ async def run_level(
         tokens_per_second=round(tokens / wall, 2),
         requests_per_second=round(len(ok) / wall, 3),
         ttft=percentiles([r.ttft for r in ok if r.ttft is not None]),
-        tpot=percentiles([(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.ttft is not None and r.tokens > 1]),
+        tpot=percentiles([t for r in ok if (t := r.tpot) is not None]),
         e2e=percentiles([r.e2e for r in ok]),
     )
     return level, results

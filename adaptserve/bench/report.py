@@ -70,7 +70,8 @@ def markdown(results: dict[str, Any]) -> str:
         "## Engine speed without HTTP, and what HTTP costs",
         "",
         "pp/tg: llama-bench style, random tokens. Direct chat: llama-cpp-python's own streamed chat completion of "
-        "the single-client level's conversations, timed per token after the first as the HTTP client times ours. "
+        "the single-client level's conversations, timed per token after the first as the HTTP client times ours, "
+        "in pairs: each conversation directly, then at once through the server, so that both see the same host. "
         "HTTP / direct is the server's single-client decode rate over direct chat; HTTP / tg, over bare decoding.",
         "",
         "| model | GGUF | pp tokens/s | tg tokens/s | direct chat tokens/s | HTTP single-client tokens/s "

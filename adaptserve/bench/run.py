@@ -25,7 +25,7 @@ from adaptserve.bench.config import GPU_BACKENDS, LLAMA_CPP, PRECISION, BenchCon
 from adaptserve.bench.load import Message, run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
-from adaptserve.bench.speed import Speed, llama_bench, served_gguf
+from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.app import ModelPool, ServeConfig
 from adaptserve.serve.metrics import Metrics
@@ -49,12 +49,11 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     records = _finqa_records(config) if config.accuracy else []
     results["accuracy"] = [row for b in backends for row in _accuracy(config, records, out, b)] if config.accuracy else []
     chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
-    results["speed"] = [dataclasses.asdict(s) for s in _speed(config, chats)] if gguf else []
+    results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
     results["skipped"] = skipped
-    results["prompts"], results["load"], results["servers"] = [], [], []
+    results["prompts"], results["overhead"], results["load"], results["servers"] = [], [], [], []
     for backend in ["url"] if config.url else backends:
         _over_http(config, backend, prompts, chats, out, results)
-    results["overhead"] = _overhead(results["speed"], results["load"])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write(results, out)
     log.info("bench results in %s", out)
@@ -74,7 +73,8 @@ def _backends(config: BenchConfig) -> tuple[list[str], list[dict[str, str]]]:
 def _over_http(
     config: BenchConfig, backend: str, prompts: list[EvalPrompt], chats: list[list[Message]], out: Path, results: dict[str, Any]
 ) -> None:
-    """The prompt set and the load levels for every model on one backend: `config.url`, or a server of our own."""
+    """The prompt set, HTTP / direct (llama.cpp) and the load levels for every model on one backend: `config.url`,
+    or a server of our own."""
     options = [] if backend in (LLAMA_CPP, "url") else ["--backend", "transformers", "--precision", PRECISION[backend]]
     log_path = out / ("server.log" if backend == LLAMA_CPP else f"server-{backend}.log")
     server = None if config.url else start_server(config.models, config.threads, log_path, options)
@@ -84,6 +84,8 @@ def _over_http(
             answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
             _write_jsonl(out / f"prompts-{variant(model, backend)}.jsonl", answers)
             results["prompts"].append({**summarize(model, answers), "backend": backend})
+            if backend in (LLAMA_CPP, "url") and results["speed"]:
+                results["overhead"].append(_overhead(config, url, model, chats, results["speed"]))
             for level in config.concurrency:
                 requests = max(config.requests, level)
                 result, _ = asyncio.run(run_level(url, model, chats, level, requests, config.max_tokens))
@@ -150,55 +152,42 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
     return rows
 
 
-def _speed(config: BenchConfig, chats: list[list[Message]]) -> list[Speed]:
-    single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
+def _speed(config: BenchConfig) -> list[Speed]:
     rows = []
-    for model in tqdm(config.models, desc="pp/tg and direct chat", unit="model"):
+    for model in tqdm(config.models, desc="pp/tg", unit="model"):
         path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        speed = llama_bench(
-            model, path, config.threads, single_client, config.max_tokens, ServeConfig.n_ctx, config.pp, config.tg, config.repeats
-        )
+        speed = llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats)
         rows.append(speed)
         log.info(
-            "%s: pp%d %.0f tokens/s, tg%d %.1f tokens/s, streamed chat %.1f tokens/s",
+            "%s: pp%d %.0f tokens/s, tg%d %.1f tokens/s",
             model,
             speed.pp_tokens,
             speed.pp_tokens_per_second,
             speed.tg_tokens,
             speed.tg_tokens_per_second,
-            1 / speed.chat_tpot["mean"] if speed.chat_tpot else 0.0,
         )
     return rows
 
 
-def _overhead(speed: list[dict[str, Any]], load: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Single-client decode rate through HTTP (streamed, after the first token) against llama-cpp-python's own
-    streamed chat completion of the same conversations (`ratio`: what the server costs over the library used
-    directly) and against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
-    rows = []
-    for direct in speed:
-        single = next(
-            (
-                r
-                for r in load
-                if r["model"] == direct["model"] and r["backend"] in (LLAMA_CPP, "url") and r["concurrency"] == 1 and r["tpot"]
-            ),
-            None,
-        )
-        if single is None or not direct["chat_tpot"]:
-            continue
-        http, chat = 1 / single["tpot"]["mean"], 1 / direct["chat_tpot"]["mean"]
-        rows.append(
-            {
-                "model": direct["model"],
-                "http_decode_tokens_per_second": round(http, 2),
-                "direct_chat_tokens_per_second": round(chat, 2),
-                "ratio": round(http / chat, 3),
-                "direct_tg_tokens_per_second": direct["tg_tokens_per_second"],
-                "ratio_tg": round(http / direct["tg_tokens_per_second"], 3),
-            }
-        )
-    return rows
+def _overhead(
+    config: BenchConfig, url: str, model: str, chats: list[list[Message]], speed: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Single-client decode rate through HTTP against llama-cpp-python's own streamed chat completion of the same
+    conversations (`ratio`: what the server costs over the library used directly), paired request by request, and
+    against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
+    single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
+    path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
+    paired = http_vs_direct(url, model, path, config.threads, single_client, config.max_tokens, ServeConfig.n_ctx)
+    log.info(
+        "%s: HTTP %.1f tokens/s, direct %.1f, ratio %.3f",
+        model,
+        paired.http_decode_tokens_per_second,
+        paired.direct_chat_tokens_per_second,
+        paired.ratio,
+    )
+    tg = next(s["tg_tokens_per_second"] for s in speed if s["model"] == model)
+    http = paired.http_decode_tokens_per_second
+    return {**dataclasses.asdict(paired), "direct_tg_tokens_per_second": tg, "ratio_tg": round(http / tg, 3)}
 
 
 def _write_jsonl(path: Path, rows: list[Any]) -> None:

@@ -1,9 +1,12 @@
 """Engine speed without HTTP, on the GGUF the server serves: in the style of llama-bench, prompt processing of 512
-tokens (pp512) and generation of 128 tokens one at a time (tg128); and llama-cpp-python's own streamed chat
-completion on the conversations the single-client load level sends, the "direct" side of HTTP / direct."""
+tokens (pp512) and generation of 128 tokens one at a time (tg128); and what HTTP costs, measured in pairs: each
+single-client conversation streamed by llama-cpp-python's own chat completion in this process ("direct"), then at
+once through the server. Pairing keeps the two sides in the same minute: on a shared VM the host's speed drifts by
+more than the few percent HTTP costs (the same requests, run minutes apart, differed by 15%)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 import time
@@ -11,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import llama_cpp
+from tqdm import tqdm
 
 from adaptserve import llama_thread
-from adaptserve.bench.load import Message, percentiles
+from adaptserve.bench.load import Message, percentiles, stream_chat
 from adaptserve.models import resolve
 
 
@@ -22,7 +27,7 @@ from adaptserve.models import resolve
 class Speed:
     model: str
     gguf: str
-    threads: int | None
+    threads: int
     pp_tokens: int
     pp_tokens_per_second: float  # mean over repeats
     pp_std: float
@@ -30,8 +35,20 @@ class Speed:
     tg_tokens_per_second: float
     tg_std: float
     repeats: int
-    chat_requests: int
-    chat_tpot: dict[str, float]  # seconds per streamed token after the first, llama-cpp-python's chat completion
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """HTTP against direct generation of the same conversations, one pair at a time (seconds per token after the
+    first, as a streaming client times them)."""
+
+    model: str
+    pairs: int
+    direct_tpot: dict[str, float]
+    http_tpot: dict[str, float]
+    direct_chat_tokens_per_second: float  # 1 / mean direct tpot
+    http_decode_tokens_per_second: float
+    ratio: float  # HTTP over direct
 
 
 def served_gguf(model: str, quant: str, threads: int | None) -> Path:
@@ -45,30 +62,16 @@ def served_gguf(model: str, quant: str, threads: int | None) -> Path:
     return ensure_gguf(spec.path, spec.quant or quant, threads)
 
 
-def llama_bench(
-    model: str,
-    path: Path,
-    threads: int | None,
-    chats: Sequence[list[Message]],
-    max_tokens: int,
-    n_ctx: int,
-    pp: int = 512,
-    tg: int = 128,
-    repeats: int = 3,
-) -> Speed:
-    """pp/tg on random tokens, then each of `chats` streamed greedily up to `max_tokens` in an `n_ctx` window."""
+def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3) -> Speed:
+    """pp/tg on random tokens, `repeats` times each."""
     threads = llama_thread.n_threads(threads)
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=max(n_ctx, pp + tg + 8), n_batch=pp, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    llm = _load(path, threads, n_ctx=pp + tg + 8, n_batch=pp)
     try:
         rng = random.Random(0)  # llama-bench also feeds random tokens: speed does not depend on the text
         prompt = [rng.randrange(llm.n_vocab()) for _ in range(pp)]
         _timed(llm, [prompt[:16]])  # warm-up, excluded
         pp_runs = [pp / _timed(llm, [prompt]) for _ in range(repeats)]
         tg_runs = [tg / _timed(llm, [[token] for token in prompt[:tg]]) for _ in range(repeats)]
-        llm.reset()
-        chat_tpot = [t for chat in chats if (t := llama_thread.run(_chat_tpot, llm, chat, max_tokens)) is not None]
     finally:
         llm.close()
     return Speed(
@@ -82,8 +85,50 @@ def llama_bench(
         tg_tokens_per_second=round(statistics.mean(tg_runs), 2),
         tg_std=round(statistics.stdev(tg_runs), 2),
         repeats=repeats,
-        chat_requests=len(chats),
-        chat_tpot=percentiles(chat_tpot),
+    )
+
+
+def http_vs_direct(
+    url: str, model: str, path: Path, threads: int | None, chats: Sequence[list[Message]], max_tokens: int, n_ctx: int
+) -> Overhead:
+    """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window, then from the server
+    at `url` serving it as `model`. Nothing else may run meanwhile."""
+    llm = _load(path, llama_thread.n_threads(threads), n_ctx=n_ctx, n_batch=512)
+    try:
+        llama_thread.run(_chat_tpot, llm, chats[0], max_tokens)  # warm-up, excluded
+        pairs = asyncio.run(_pairs(llm, url, model, chats, max_tokens))
+    finally:
+        llm.close()
+    direct, http = [d for d, _ in pairs], [h for _, h in pairs]
+    direct_rate, http_rate = 1 / statistics.mean(direct), 1 / statistics.mean(http)
+    return Overhead(
+        model=model,
+        pairs=len(pairs),
+        direct_tpot=percentiles(direct),
+        http_tpot=percentiles(http),
+        direct_chat_tokens_per_second=round(direct_rate, 2),
+        http_decode_tokens_per_second=round(http_rate, 2),
+        ratio=round(http_rate / direct_rate, 3),
+    )
+
+
+async def _pairs(
+    llm: llama_cpp.Llama, url: str, model: str, chats: Sequence[list[Message]], max_tokens: int
+) -> list[tuple[float, float]]:
+    pairs = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
+            # Blocks the event loop on purpose: one request at a time, the client idle while llama.cpp runs here.
+            direct = llama_thread.run(_chat_tpot, llm, chat, max_tokens)
+            http = (await stream_chat(client, url, model, chat, max_tokens)).tpot
+            if direct is not None and http is not None:
+                pairs.append((direct, http))
+    return pairs
+
+
+def _load(path: Path, threads: int, n_ctx: int, n_batch: int) -> llama_cpp.Llama:
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads, verbose=False
     )
 
 
