@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from adaptserve.bench.load import RequestResult, stream_chat
 from adaptserve.serve import ServeConfig, create_app
 from adaptserve.serve.guard import KEYS_ENV
 from tests.conftest import REPO, Server
@@ -27,6 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Name three colors."}]
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0}  # greedy counting goes on to max_tokens
+COUNTING_CHAT = [{"role": "user", "content": "Write the numbers from 1 to 1000, separated by commas."}]
 TIMEOUT = 3.0
 
 
@@ -150,6 +152,21 @@ def test_request_past_its_timeout_is_cancelled_cleanly(client: httpx.Client) -> 
     events = [ln.removeprefix("data: ") for ln in r.text.splitlines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
     assert len(events) > 3  # it streamed for a while first
+    wait_idle(client, within=2)
+
+
+def test_bench_counts_a_stream_that_ends_in_an_error_as_failed(guarded: Server, client: httpx.Client) -> None:
+    """The load client of `adaptserve bench`: a stream cut by the server's timeout is an error in its numbers, not a
+    short success (a stalled run once looked clean because of that)."""
+
+    async def one() -> RequestResult:
+        async with httpx.AsyncClient(headers=AUTH, timeout=60) as c:
+            return await stream_chat(c, guarded.url, "smollm2-135m", COUNTING_CHAT, 2000)
+
+    wait_idle(client)
+    result = asyncio.run(one())
+    assert result.status == 200 and result.tokens > 2, result
+    assert result.error is not None and '"timeout"' in result.error and result.tpot is None
     wait_idle(client, within=2)
 
 

@@ -1,12 +1,12 @@
 """Engine speed without HTTP, on the GGUF the server serves: in the style of llama-bench, prompt processing of 512
 tokens (pp512) and generation of 128 tokens one at a time (tg128); and what HTTP costs, measured in pairs: each
 single-client conversation streamed by llama-cpp-python's own chat completion in this process ("direct"), then at
-once through the server. Pairing keeps the two sides in the same minute: on a shared VM the host's speed drifts by
-more than the few percent HTTP costs (the same requests, run minutes apart, differed by 15%)."""
+once through the server, from a blocking client that does as little as it can. Pairing keeps the two sides in the
+same minute: on a shared VM the host's speed drifts by more than the few percent HTTP costs (the same requests, run
+minutes apart, differed by 15%)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import statistics
 import time
@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import llama_cpp
 from tqdm import tqdm
 
 from adaptserve import llama_thread
-from adaptserve.bench.load import Message, percentiles, stream_chat
+from adaptserve.bench.load import Message, percentiles, stream_chat_blocking
 from adaptserve.models import resolve
 
 
@@ -96,7 +95,7 @@ def http_vs_direct(
     llm = _load(path, llama_thread.n_threads(threads), n_ctx=n_ctx, n_batch=512)
     try:
         llama_thread.run(_chat_tpot, llm, chats[0], max_tokens)  # warm-up, excluded
-        pairs = asyncio.run(_pairs(llm, url, model, chats, max_tokens))
+        pairs = _pairs(llm, url, model, chats, max_tokens)
     finally:
         llm.close()
     direct, http = [d for d, _ in pairs], [h for _, h in pairs]
@@ -112,17 +111,15 @@ def http_vs_direct(
     )
 
 
-async def _pairs(
+def _pairs(
     llm: llama_cpp.Llama, url: str, model: str, chats: Sequence[list[Message]], max_tokens: int
 ) -> list[tuple[float, float]]:
     pairs = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
-            # Blocks the event loop on purpose: one request at a time, the client idle while llama.cpp runs here.
-            direct = llama_thread.run(_chat_tpot, llm, chat, max_tokens)
-            http = (await stream_chat(client, url, model, chat, max_tokens)).tpot
-            if direct is not None and http is not None:
-                pairs.append((direct, http))
+    for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
+        direct = llama_thread.run(_chat_tpot, llm, chat, max_tokens)
+        http = stream_chat_blocking(url, model, chat, max_tokens).tpot
+        if direct is not None and http is not None:
+            pairs.append((direct, http))
     return pairs
 
 
