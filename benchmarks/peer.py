@@ -100,6 +100,11 @@ def markdown(rows: list[dict[str, Any]], threads: int, peer_interrupts: bool) ->
         if key == "peak_rss_bytes":
             value = [f"{v / 2**20:.0f} MiB" if v else "n/a" for v in value]
         lines.append(f"| {label} | {value[0]}{unit} | {value[1]}{unit} |")
+    shares = [
+        f"{o['ratio']:.2f} ({o['http_decode_tokens_per_second']:.1f} vs {o['direct_chat_tokens_per_second']:.1f} tokens/s)"
+        for o in (r["overhead"][0] for r in rows)
+    ]
+    lines.append(f"| single-client HTTP decoding, share of llama-cpp-python's direct chat (paired) | {shares[0]} | {shares[1]} |")
     return "\n".join(lines) + "\n"
 
 
