@@ -7,7 +7,8 @@ measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), compari
   attention sums run in another order, and 3 of the 9 greedy outputs changed.
 - Flash attention off: with it, a sequence's logits changed (by up to 1.2) whenever another sequence decoded in
   the same step, and with the chunking of its own prompt (up to 0.6). Without it both were bit-identical. It
-  costs some speed: flash attention decoded 7-18% faster here.
+  costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8 sequences 26% faster; but an
+  engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median 154 vs 157; stop 15).
 - Prompt tokens only in calls of two or more: a token decoded on its own (as every generated token is) got
   slightly different K/V than the same token in a longer call, and a reply diverged ten tokens later. So a
   prompt's last chunk is never a single token, a fully cached prompt still has its last two tokens decoded again,
