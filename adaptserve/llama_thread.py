@@ -19,8 +19,10 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
+import llama_cpp
 import psutil
 
 P = ParamSpec("P")
@@ -43,3 +45,10 @@ def n_threads(requested: int | None = None) -> int:
         return requested
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has none
     return min(psutil.cpu_count(logical=False) or allowed, allowed)
+
+
+def load(path: Path | str, threads: int | None, **kwargs: Any) -> llama_cpp.Llama:
+    """A Llama on `path` computing on `n_threads(threads)` threads, prompts and decoding alike; `kwargs` are the
+    Llama's own (n_ctx, n_batch, lora_path, ...)."""
+    n = n_threads(threads)
+    return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)

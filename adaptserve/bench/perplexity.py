@@ -66,10 +66,7 @@ def estimate(nll: np.ndarray) -> tuple[float, float]:
 
 
 def perplexity(model: str, path: Path, text: bytes, n_ctx: int, threads: int | None, max_chunks: int | None = None) -> Perplexity:
-    threads = llama_thread.n_threads(threads)
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=n_ctx)
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
     try:
         tokens = llm.tokenize(text, add_bos=True, special=False)  # = llama.cpp's common_tokenize(ctx, text, true)

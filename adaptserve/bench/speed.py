@@ -63,8 +63,7 @@ def served_gguf(model: str, quant: str, threads: int | None) -> Path:
 
 def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3) -> Speed:
     """pp/tg on random tokens, `repeats` times each."""
-    threads = llama_thread.n_threads(threads)
-    llm = _load(path, threads, n_ctx=pp + tg + 8, n_batch=pp)
+    llm = llama_thread.load(path, threads, n_ctx=pp + tg + 8, n_batch=pp)
     try:
         rng = random.Random(0)  # llama-bench also feeds random tokens: speed does not depend on the text
         prompt = [rng.randrange(llm.n_vocab()) for _ in range(pp)]
@@ -76,7 +75,7 @@ def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: 
     return Speed(
         model=model,
         gguf=path.name,
-        threads=threads,
+        threads=llm.n_threads,
         pp_tokens=pp,
         pp_tokens_per_second=round(statistics.mean(pp_runs), 2),
         pp_std=round(statistics.stdev(pp_runs), 2),
@@ -92,7 +91,7 @@ def http_vs_direct(
 ) -> Overhead:
     """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window, then from the server
     at `url` serving it as `model`. Nothing else may run meanwhile."""
-    llm = _load(path, llama_thread.n_threads(threads), n_ctx=n_ctx, n_batch=512)
+    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=512)
     try:
         llama_thread.run(_chat_tpot, llm, chats[0], max_tokens)  # warm-up, excluded
         pairs = _pairs(llm, url, model, chats, max_tokens)
@@ -121,12 +120,6 @@ def _pairs(
         if direct is not None and http is not None:
             pairs.append((direct, http))
     return pairs
-
-
-def _load(path: Path, threads: int, n_ctx: int, n_batch: int) -> llama_cpp.Llama:
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
 
 
 def _timed(llm: llama_cpp.Llama, batches: list[list[int]]) -> float:

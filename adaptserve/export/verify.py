@@ -92,18 +92,9 @@ def greedy_gguf(
     """Greedy tokens from llama.cpp (with `lora` applied to the model, if given), and whether it tokenizes every
     prompt's text to the same ids; a progress bar titled `progress`, if given."""
     n_ctx = max(len(p.ids) for p in prompts) + n + 8
-    threads = llama_thread.n_threads(threads)
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        lora_path=str(lora) if lora else None,
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    llm = llama_thread.load(path, threads, lora_path=str(lora) if lora else None, n_ctx=n_ctx)
     try:
         same_ids = all(llm.tokenize(p.text.encode("utf-8"), add_bos=p.add_bos, special=True) == p.ids for p in prompts)
-        outputs = []
         outputs = [
             llama_thread.run(_greedy_llama, llm, prompt.ids, n, eos)
             for prompt in tqdm(prompts, desc=progress, disable=progress is None)

@@ -308,10 +308,8 @@ class LlamaCppEngine:
         # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
         # so the Llama's own context is left at the smallest size. Prefill and decode use the same threads: one per
         # physical core unless told (llama-cpp-python's defaults decode on half the logical CPUs).
-        self.n_threads = llama_thread.n_threads(n_threads)
-        self.llm = llama_cpp.Llama(
-            model_path=str(spec.path), n_ctx=_UNUSED_CTX, n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False
-        )
+        self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX)
+        self.n_threads: int = self.llm.n_threads
         self.prefill_chunk = prefill_chunk
         self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots))
         self.n_ctx = self.slots.n_ctx
