@@ -11,13 +11,18 @@ The team's size defaults to one thread per physical core this process may run on
 llama-cpp-python's default is half the logical CPUs (a guess at hyper-threading): on a 2-core VM without it, that is
 one thread, and `adaptserve serve` decoded at 42 tokens/s single-client instead of 60-71 with two (8 clients: 56-60
 instead of 88-94), the load client running on the same two cores.
+
+Every Llama here keeps its weights in the GGUF's own layout: llama.cpp's CPU backend would otherwise repack Q4_0,
+Q4_K, Q8_0 and IQ4_NL weights for kernels that compute a row differently once four or more rows share a call, so a
+sequence's output would depend on how many others decode beside it (see `_without_repacking`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -29,6 +34,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _here = threading.local()
+_loading = threading.Lock()
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama", initializer=lambda: setattr(_here, "inside", True))
 
 
@@ -51,4 +57,31 @@ def load(path: Path | str, threads: int | None, **kwargs: Any) -> llama_cpp.Llam
     """A Llama on `path` computing on `n_threads(threads)` threads, prompts and decoding alike; `kwargs` are the
     Llama's own (n_ctx, n_batch, lora_path, ...)."""
     n = n_threads(threads)
-    return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)
+    with _without_repacking():
+        return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_repacking() -> Iterator[None]:
+    """Load with llama.cpp's `use_extra_bufts` off: no repacked CPU copies of the weights.
+
+    With them, the merged adapter's q4_k_m (Q4_K and Q8_0 tensors repacked) gave one sequence logits that moved by up
+    to 0.42 from the step after four or more sequences had decoded together, and greedy FinQA programs changed with
+    the requests beside them (2 of 122 dev prompts). Without them its logits are bit-identical with 0 to 7 sequences
+    beside it, at ~6% slower prompt processing and 2% slower 8-sequence decoding (single-sequence decoding and the
+    base's Q4_1, which is never repacked, unchanged). llama-cpp-python's Llama has no argument for the flag, so the
+    default model parameters it starts from are swapped while it loads.
+    """
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> llama_cpp.llama_model_params:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with _loading:
+        llama_cpp.llama_cpp.llama_model_default_params = params  # what llama_cpp.Llama calls
+        try:
+            yield
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = default

@@ -11,6 +11,8 @@ import llama_cpp
 import psutil
 import pytest
 
+from adaptserve import llama_thread
+from adaptserve.export import ensure_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
 from adaptserve.serve.kvslots import Feed, KVSlots
@@ -176,6 +178,34 @@ def test_batched_output_matches_running_alone(batched: LlamaCppEngine) -> None:
             assert got == want, (i, got, want)
     assert batched.requests_cancelled == cancelled + len(cancel_after)
     assert_kv_matches_slots(batched)
+
+
+def test_logits_do_not_depend_on_the_sequences_beside_one() -> None:
+    """The adapter's q4_k_m holds Q4_K and Q8_0 weights, which llama.cpp would repack for kernels that change a row's
+    numbers once four rows share a call: a sequence's logits must be the same bit for bit with 0 or 7 sequences
+    decoding beside it, in that step and in the next (which reads the K/V the step wrote)."""
+    llm = llama_thread.load(ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m"), 2, n_ctx=64)
+    slots = KVSlots(llm, 8, n_ctx=256, max_batch=64)
+    prompt = llm.tokenize(b"Revenue rose from 5,735 to 5,829 million dollars in 2019; costs fell by 12%.")
+
+    def two_steps(beside: int) -> list[list[float]]:
+        for slot in slots.slots:
+            slots.reset(slot)
+        first, *others = slots.slots[: beside + 1]
+        slots.decode([Feed(first, prompt, logits=False)])
+        for slot in others:
+            slots.decode([Feed(slot, prompt[: 4 + slot.seq_id], logits=False)])
+        rows = []
+        for token in (1000, 2000):
+            (row, *_) = slots.decode([Feed(s, (token,), logits=True) for s in (first, *others)])
+            rows.append(llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[: llm.n_vocab()])
+        return rows
+
+    try:
+        assert two_steps(7) == two_steps(0)
+    finally:
+        slots.close()
+        llm.close()
 
 
 def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: LlamaCppEngine) -> None:

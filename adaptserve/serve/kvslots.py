@@ -13,6 +13,9 @@ measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), compari
   slightly different K/V than the same token in a longer call, and a reply diverged ten tokens later. So a
   prompt's last chunk is never a single token, a fully cached prompt still has its last two tokens decoded again,
   and a finished request keeps only its prompt's cells for reuse; its reply's cells are freed at once.
+- Weights as the GGUF stores them (`llama_thread.load`): llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights
+  compute a row differently once four rows share a call, and the merged adapter's q4_k_m logits moved by up to 0.42.
+  The base's Q4_1 is never repacked, which is why the tests below passed on it all along.
 - Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
   ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
   step fills each gap with a placeholder token for the idle slot, removed right after: one more row in the same
