@@ -180,6 +180,32 @@ def test_batched_output_matches_running_alone(batched: LlamaCppEngine) -> None:
     assert_kv_matches_slots(batched)
 
 
+def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
+    batched: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token's K/V depends on how many tokens of its sequence share its call (kvslots.py): every prompt chunk
+    must sit in one cell of the grid cut at multiples of prefill_chunk, beside other prompts, after a copy, and
+    after a full or partial cache hit."""
+    chunks: list[tuple[int, int]] = []  # (position of the first token, tokens) of each multi-token feed
+    decode = batched.slots.decode
+
+    def recording(feeds: list[Feed]) -> list[int]:
+        chunks.extend((len(f.slot.cached), len(f.tokens)) for f in feeds if len(f.tokens) > 1)
+        return decode(feeds)
+
+    monkeypatch.setattr(batched.slots, "decode", recording)
+    requests = mixed_requests(batched)
+    extended = (requests[2][0] + batched.tokenize(" And the taxes?", add_bos=False), GREEDY)  # a partial hit
+
+    async def together() -> None:
+        await asyncio.gather(*(batched.complete(prompt, params) for prompt, params in [*requests, extended]))
+
+    asyncio.run(together())
+    asyncio.run(together())  # every prompt cached now
+    size = batched.prefill_chunk
+    assert chunks and all(start % size == 0 and n <= size for start, n in chunks), chunks
+
+
 def test_logits_do_not_depend_on_the_sequences_beside_one() -> None:
     """The adapter's q4_k_m holds Q4_K and Q8_0 weights, which llama.cpp would repack for kernels that change a row's
     numbers once four rows share a call: a sequence's logits must be the same bit for bit with 0 or 7 sequences

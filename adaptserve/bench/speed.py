@@ -136,6 +136,10 @@ def _chat_tpot(llm: llama_cpp.Llama, chat: list[Message], max_tokens: int) -> fl
     """Seconds per content chunk after the first of one streamed chat completion, timed as the HTTP client times
     a request; None below two chunks."""
     first, chunks = 0.0, 0
+    # Start from an empty context: llama-cpp-python would re-decode a repeated prompt's last token alone, and a call
+    # of another size computes other numbers (the reply can change; see kvslots.py). Only the first token's wait
+    # would differ, and it is not timed.
+    llm.reset()
     for chunk in llm.create_chat_completion(chat, max_tokens=max_tokens, temperature=0.0, stream=True):  # type: ignore[arg-type]
         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):  # type: ignore[index,union-attr]
             chunks += 1

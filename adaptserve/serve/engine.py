@@ -301,8 +301,8 @@ class LlamaCppEngine:
         n_slots: int = DEFAULT_SLOTS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
-        if prefill_chunk < 3:  # a prompt's last chunk holds two tokens or more (see kvslots.py)
-            raise ValueError("prefill_chunk must be at least 3")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be positive")
         self.name = spec.name
         self.spec = spec
         # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
@@ -487,14 +487,15 @@ class LlamaCppEngine:
     def _start(self, job: _Job, dequeued: float) -> _Sequence:
         limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
-        slot, cached = self.slots.acquire(job.prompt, min_copy=self.prefill_chunk)
+        slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk)
         return _Sequence(job, slot, sampler, limit, job.prompt[cached:], StopMatcher(job.params.stop), dequeued)
 
     def _step(self, running: list[_Sequence]) -> None:
         """Each running sequence's next token, in one llama_decode, then up to `prefill_chunk` prompt tokens.
 
-        A prompt chunk gets a llama_decode of its own: in the same call as other sequences' tokens, llama.cpp's
-        micro-batching took one of its tokens in with theirs, decoded like a lone token (see kvslots.py).
+        Prompts advance by whole chunks of their grid (positions cut at multiples of `prefill_chunk`; see
+        kvslots.py), the earliest admitted first, each chunk in a llama_decode of its own: in the same call as other
+        sequences' tokens, llama.cpp's micro-batching took one of its tokens in with theirs, decoded like a lone token.
         """
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1
@@ -506,11 +507,9 @@ class LlamaCppEngine:
                 self._advance(running, seq, self.slots.sample(seq.sampler, row))
         budget = self.prefill_chunk
         for seq in [s for s in running if s.pending]:
-            take = min(budget, len(seq.pending))
-            if len(seq.pending) - take == 1:
-                take -= 1  # never leave a lone last token
-            if take < min(2, len(seq.pending)):
-                continue  # only a one-token prompt is decoded a token at a time
+            take = min(self.prefill_chunk - len(seq.slot.cached) % self.prefill_chunk, len(seq.pending))
+            if take > budget:
+                continue
             chunk, seq.pending = seq.pending[:take], seq.pending[take:]
             budget -= take
             (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending)])

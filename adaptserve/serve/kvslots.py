@@ -9,10 +9,13 @@ measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), compari
   the same step, and with the chunking of its own prompt (up to 0.6). Without it both were bit-identical. It
   costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8 sequences 26% faster; but an
   engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median 154 vs 157; stop 15).
-- Prompt tokens only in calls of two or more: a token decoded on its own (as every generated token is) got
-  slightly different K/V than the same token in a longer call, and a reply diverged ten tokens later. So a
-  prompt's last chunk is never a single token, a fully cached prompt still has its last two tokens decoded again,
-  and a finished request keeps only its prompt's cells for reuse; its reply's cells are freed at once.
+- Prompt tokens in the same calls whatever the cache or the neighbours: a token's K/V depends on how many tokens
+  of its sequence share its call (q4_k_m adapter: the tail of a 584-token prompt in a call of 2-5 tokens gave
+  logits 1.02 away from the same tokens in a call of 8 or more; on the base's Q4_1, one token alone already
+  differed from two). So a prompt is always cut on one grid, at multiples of `align` (the engine's prefill
+  chunk), counted from its first token: a cached or copied prefix is reused only down to a multiple of it, and
+  the engine decodes whole grid chunks. A finished request keeps only its prompt's cells for reuse; its reply's
+  cells are freed at once.
 - Weights as the GGUF stores them (`llama_thread.load`): llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights
   compute a row differently once four rows share a call, and the merged adapter's q4_k_m logits moved by up to 0.42.
   The base's Q4_1 is never repacked, which is why the tests below passed on it all along.
@@ -96,20 +99,22 @@ class KVSlots:
     def has_free(self) -> bool:
         return self.busy < len(self.slots)
 
-    def acquire(self, prompt: Sequence[int], min_copy: int) -> tuple[Slot, int]:
-        """A free slot whose stream already holds the longest prefix of `prompt` we can give it, and that length.
+    def acquire(self, prompt: Sequence[int], align: int) -> tuple[Slot, int]:
+        """A free slot whose stream already holds the longest prefix of `prompt` we can give it, and that length:
+        a multiple of `align` below len(prompt), so that the rest is cut as it would be from an empty slot and the
+        last token is decoded again (its logits start the reply).
 
         llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
-        time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `min_copy` tokens of prefill.
+        time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
         """
         free = [s for s in self.slots if not s.busy]
         slot = max(free, key=lambda s: (s.prefix(prompt), -s.seq_id))
         keep = slot.prefix(prompt)
         donor = max(self.slots, key=lambda s: s.prefix(prompt))
-        if (shared := donor.prefix(prompt)) >= keep + min_copy:
+        if (shared := donor.prefix(prompt)) >= keep + align:
             llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached, keep = list(donor.cached), shared
-        keep = max(min(keep, len(prompt) - 2), 0)  # the last two go again, together: their logits start the reply
+        keep = min(keep, len(prompt) - 1) // align * align
         self._truncate(slot, keep)
         slot.busy, slot.reusable = True, len(prompt) if len(prompt) > 1 else 0
         self.prompt_tokens += len(prompt)
