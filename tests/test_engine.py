@@ -208,7 +208,7 @@ def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
 
 def test_logits_do_not_depend_on_the_sequences_beside_one() -> None:
     """The adapter's q4_k_m holds Q4_K and Q8_0 weights, which llama.cpp would repack for kernels that change a row's
-    numbers once four rows share a call: a sequence's logits must be the same bit for bit with 0 or 7 sequences
+    numbers once four rows share a call: a sequence's logits must be the same bit for bit with 0 or 7 short sequences
     decoding beside it, in that step and in the next (which reads the K/V the step wrote)."""
     llm = llama_thread.load(ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m"), 2, n_ctx=64)
     slots = KVSlots(llm, 8, n_ctx=256, max_batch=64)
