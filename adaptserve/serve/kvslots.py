@@ -2,8 +2,8 @@
 
 The settings keep a sequence's output the same token for token whether it runs alone or beside others; each was
 measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), comparing logits bit for bit. One case is
-still open: on the adapter's q4_k_m, a sequence's logits move when all 8 slots decode together holding 128 cells
-or more each (4 sequences, or short neighbours: identical); the base's Q4_1 stays identical.
+still open: on the adapter's q4_k_m, a sequence's logits can move when 8 or more sequences decode in one step
+(up to 7: identical in every case tested); the base's Q4_1 stays identical.
 
 - One KV stream per slot (`kv_unified=False`): with one unified cache the sequences' cells interleave, the
   attention sums run in another order, and 3 of the 9 greedy outputs changed.
