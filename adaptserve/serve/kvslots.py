@@ -20,7 +20,7 @@ still open: on the adapter's q4_k_m, a sequence's logits can move when 8 or more
   cells are freed at once.
 - Weights as the GGUF stores them (`llama_thread.load`): llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights
   compute a row differently once four rows share a call, and the merged adapter's q4_k_m logits moved by up to 0.42.
-  The base's Q4_1 is never repacked, which is why the tests below passed on it all along.
+  The base's Q4_1 is never repacked, which is why the engine tests, run on it, passed all along.
 - Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
   ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
   step fills each gap with a placeholder token for the idle slot, removed right after: one more row in the same
