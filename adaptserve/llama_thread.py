@@ -12,9 +12,11 @@ llama-cpp-python's default is half the logical CPUs (a guess at hyper-threading)
 one thread, and `adaptserve serve` decoded at 42 tokens/s single-client instead of 60-71 with two (8 clients: 56-60
 instead of 88-94), the load client running on the same two cores.
 
-Every Llama here keeps its weights in the GGUF's own layout: llama.cpp's CPU backend would otherwise repack Q4_0,
-Q4_K, Q8_0 and IQ4_NL weights for kernels that compute a row differently once four or more rows share a call, so a
-sequence's output would depend on how many others decode beside it (see `_without_repacking`).
+Every Llama here computes a row of a batch the same way however many rows share the call, so a sequence's output
+does not depend on how many others decode beside it. llama.cpp's CPU backend breaks that in two ways, both turned
+off here: it would repack Q4_0, Q4_K, Q8_0 and IQ4_NL weights for kernels that compute a row differently once
+four or more rows share a call (see `_without_repacking`), and it multiplies K-quant weights (Q4_K, Q6_K, ...) with
+a tiled kernel once eight or more rows do (`GGML_CPU_TILED_MM`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ import psutil
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+# ggml reads this once, at the process's first mat-mul, so it is set on import, before anything here can decode.
+# With the tiled kernel, one sequence of the adapter's q4_k_m (its ffn_down weights are Q6_K) got logits 0.5-0.7 away
+# from its own alone as soon as 7 others decoded beside it. Without it: identical with 0 to 15 beside it; prompt
+# processing of that GGUF ~15% slower (pp512 ~205 vs ~240 tokens/s on 2 cores), 8 sequences decoding together ~7%
+# faster, one sequence alike; Q4_1 never takes that kernel. A value already in the environment wins.
+os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
 _here = threading.local()
 _loading = threading.Lock()

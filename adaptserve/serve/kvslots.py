@@ -1,9 +1,8 @@
 """KV slots: one llama.cpp context with a KV stream per concurrent sequence, and what each stream holds.
 
 The settings keep a sequence's output the same token for token whether it runs alone or beside others; each was
-measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), comparing logits bit for bit. One case is
-still open: on the adapter's q4_k_m, a sequence's logits can move when 8 or more sequences decode in one step
-(up to 7: identical in every case tested); the base's Q4_1 stays identical.
+measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), comparing logits bit for bit, with 0 to 15
+sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
 
 - One KV stream per slot (`kv_unified=False`): with one unified cache the sequences' cells interleave, the
   attention sums run in another order, and 3 of the 9 greedy outputs changed.
@@ -18,9 +17,10 @@ still open: on the adapter's q4_k_m, a sequence's logits can move when 8 or more
   chunk), counted from its first token: a cached or copied prefix is reused only down to a multiple of it, and
   the engine decodes whole grid chunks. A finished request keeps only its prompt's cells for reuse; its reply's
   cells are freed at once.
-- Weights as the GGUF stores them (`llama_thread.load`): llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights
-  compute a row differently once four rows share a call, and the merged adapter's q4_k_m logits moved by up to 0.42.
-  The base's Q4_1 is never repacked, which is why the engine tests, run on it, passed all along.
+- Weights as the GGUF stores them, multiplied by one kernel whatever the row count (`llama_thread.load`):
+  llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights compute a row differently once four rows share a call (the
+  merged adapter's q4_k_m logits moved by up to 0.42), and its tiled K-quant kernel, taken from eight rows on, does
+  too (up to 0.675). The base's Q4_1 meets neither, which is why the engine tests, run on it, passed all along.
 - Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
   ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
   step fills each gap with a placeholder token for the idle slot, removed right after: one more row in the same
