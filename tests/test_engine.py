@@ -101,6 +101,15 @@ def batched() -> Iterator[LlamaCppEngine]:
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def adapter_batched() -> Iterator[LlamaCppEngine]:
+    """The served adapter's q4_k_m: K-quant weights, the kernels the base's Q4_1 never meets."""
+    gguf = ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m")
+    eng = LlamaCppEngine(resolve(str(gguf)), n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32)
+    yield eng
+    eng.close()
+
+
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
@@ -149,7 +158,9 @@ def assert_kv_matches_slots(engine: LlamaCppEngine) -> None:
         assert llama_cpp.llama_memory_seq_pos_max(engine.slots.ctx.memory, slot.seq_id) == len(slot.cached) - 1
 
 
-def test_batched_output_matches_running_alone(batched: LlamaCppEngine) -> None:
+@pytest.mark.parametrize("engine", ["batched", "adapter_batched"])
+def test_batched_output_matches_running_alone(engine: str, request: pytest.FixtureRequest) -> None:
+    batched: LlamaCppEngine = request.getfixturevalue(engine)
     requests = mixed_requests(batched)
     cancel_after = {2: 3, 5: 1}  # these two clients hang up early
     streamed = {0, 3, 4}  # these read delta by delta; the rest collect
