@@ -199,12 +199,14 @@ def test_disconnect_before_a_plain_answer_frees_the_engine_too(guarded: Server, 
     assert 'adaptserve_requests_total{route="/v1/completions",status="499"}' in client.get("/metrics").text
 
 
-def test_full_queue_is_a_clean_503_with_retry_after(guarded: Server) -> None:
-    """2 slots + 2 queued: of 8 requests at once, those that find the queue full are refused at once; none fails."""
+def test_full_queue_is_a_clean_503_with_retry_after(guarded: Server, client: httpx.Client) -> None:
+    """2 slots + 2 queued: of 8 requests at once, those that find the queue full are refused at once; none fails.
+    Short replies, so that the queued ones end well inside the 3 s request timeout even on a slow moment."""
+    wait_idle(client)
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=guarded.url, timeout=60, headers=AUTH) as ac:
-            body = {**COUNTING, "max_tokens": 20}
+            body = {**COUNTING, "max_tokens": 8}
             return await asyncio.gather(*(ac.post("/v1/completions", json=body) for _ in range(8)))
 
     responses = asyncio.run(burst())

@@ -37,6 +37,7 @@ class RequestResult:
     e2e: float  # seconds from sending to the end of the stream
     tokens: int  # content chunks received
     usage_tokens: int | None  # completion_tokens the server reported, if it did
+    text: str = ""  # the content received
 
     @property
     def tpot(self) -> float | None:
@@ -84,6 +85,7 @@ class _Stream:
     ttft: float | None = None
     tokens: int = 0
     usage: int | None = None
+    text: str = ""
 
     def add(self, line: str) -> str | None:
         """Takes one SSE line; returns the error it reports, if it is one (a stream that failed after its headers,
@@ -96,13 +98,14 @@ class _Stream:
         if chunk.get("usage"):
             self.usage = chunk["usage"].get("completion_tokens")
         for choice in chunk.get("choices", []):
-            if choice.get("delta", {}).get("content"):
+            if content := choice.get("delta", {}).get("content"):
                 self.tokens += 1
+                self.text += content
                 self.ttft = self.ttft if self.ttft is not None else time.perf_counter() - self.start
         return None
 
     def result(self, status: int, error: str | None = None) -> RequestResult:
-        return RequestResult(status, error, self.ttft, time.perf_counter() - self.start, self.tokens, self.usage)
+        return RequestResult(status, error, self.ttft, time.perf_counter() - self.start, self.tokens, self.usage, self.text)
 
 
 def _chat_body(model: str, messages: list[Message], max_tokens: int) -> dict:

@@ -72,11 +72,12 @@ def markdown(results: dict[str, Any]) -> str:
         "pp/tg: llama-bench style, random tokens. Direct chat: llama-cpp-python's own streamed chat completion of "
         "the single-client level's conversations, timed per token after the first as the HTTP client times ours, "
         "in pairs: each conversation directly, then at once through the server, so that both see the same host. "
-        "HTTP / direct is the server's single-client decode rate over direct chat; HTTP / tg, over bare decoding.",
+        "HTTP / direct is the server's single-client decode rate over direct chat; HTTP / tg, over bare decoding. "
+        "Same text: pairs whose two replies were identical (so both generated the same tokens).",
         "",
         "| model | GGUF | pp tokens/s | tg tokens/s | direct chat tokens/s | HTTP single-client tokens/s "
-        "| HTTP / direct | HTTP / tg |",
-        "|---|---|---|---|---|---|---|---|",
+        "| HTTP / direct | HTTP / tg | same text |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     overhead = {row["model"]: row for row in results["overhead"]}
     for s in results["speed"]:
@@ -85,7 +86,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {s['model']} | {s['gguf']} | pp{s['pp_tokens']}: {s['pp_tokens_per_second']:.0f} ± {s['pp_std']:.0f} "
             f"| tg{s['tg_tokens']}: {s['tg_tokens_per_second']:.1f} ± {s['tg_std']:.1f} "
             f"| {o.get('direct_chat_tokens_per_second', 0):.1f} | {o.get('http_decode_tokens_per_second', 0):.1f} "
-            f"| {o.get('ratio', 0):.2f} | {o.get('ratio_tg', 0):.2f} |"
+            f"| {o.get('ratio', 0):.2f} | {o.get('ratio_tg', 0):.2f} | {o.get('same_text', 0)} of {o.get('pairs', 0)} |"
         )
     if results["skipped"]:
         lines += [

@@ -42,7 +42,8 @@ class Overhead:
     first, as a streaming client times them)."""
 
     model: str
-    pairs: int
+    pairs: int  # conversations both sides answered in two or more tokens (one token has no time per token)
+    same_text: int  # pairs whose two replies are the same text: the same tokens were generated on both sides
     direct_tpot: dict[str, float]
     http_tpot: dict[str, float]
     direct_chat_tokens_per_second: float  # 1 / mean direct tpot
@@ -97,11 +98,12 @@ def http_vs_direct(
         pairs = _pairs(llm, url, model, chats, max_tokens)
     finally:
         llm.close()
-    direct, http = [d for d, _ in pairs], [h for _, h in pairs]
+    direct, http = [d.tpot for d, _ in pairs], [h.tpot for _, h in pairs]
     direct_rate, http_rate = 1 / statistics.mean(direct), 1 / statistics.mean(http)
     return Overhead(
         model=model,
         pairs=len(pairs),
+        same_text=sum(d.text == h.text for d, h in pairs),
         direct_tpot=percentiles(direct),
         http_tpot=percentiles(http),
         direct_chat_tokens_per_second=round(direct_rate, 2),
@@ -110,15 +112,21 @@ def http_vs_direct(
     )
 
 
+@dataclass(frozen=True)
+class _Reply:
+    tpot: float
+    text: str
+
+
 def _pairs(
     llm: llama_cpp.Llama, url: str, model: str, chats: Sequence[list[Message]], max_tokens: int
-) -> list[tuple[float, float]]:
+) -> list[tuple[_Reply, _Reply]]:
     pairs = []
     for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
         direct = llama_thread.run(_chat_tpot, llm, chat, max_tokens)
-        http = stream_chat_blocking(url, model, chat, max_tokens).tpot
-        if direct is not None and http is not None:
-            pairs.append((direct, http))
+        http = stream_chat_blocking(url, model, chat, max_tokens)
+        if direct is not None and http.tpot is not None:
+            pairs.append((direct, _Reply(http.tpot, http.text)))
     return pairs
 
 
@@ -132,16 +140,16 @@ def _timed(llm: llama_cpp.Llama, batches: list[list[int]]) -> float:
     return time.perf_counter() - start
 
 
-def _chat_tpot(llm: llama_cpp.Llama, chat: list[Message], max_tokens: int) -> float | None:
+def _chat_tpot(llm: llama_cpp.Llama, chat: list[Message], max_tokens: int) -> _Reply | None:
     """Seconds per content chunk after the first of one streamed chat completion, timed as the HTTP client times
-    a request; None below two chunks."""
-    first, chunks = 0.0, 0
+    a request, and its text; None below two chunks."""
+    first, chunks, text = 0.0, 0, ""
     # Start from an empty context: llama-cpp-python would re-decode a repeated prompt's last token alone, and a call
     # of another size computes other numbers (the reply can change; see kvslots.py). Only the first token's wait
     # would differ, and it is not timed.
     llm.reset()
     for chunk in llm.create_chat_completion(chat, max_tokens=max_tokens, temperature=0.0, stream=True):  # type: ignore[arg-type]
-        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):  # type: ignore[index,union-attr]
-            chunks += 1
+        if chunk["choices"] and (content := chunk["choices"][0]["delta"].get("content")):  # type: ignore[index,union-attr]
+            chunks, text = chunks + 1, text + content
             first = first or time.perf_counter()
-    return (time.perf_counter() - first) / (chunks - 1) if chunks > 1 else None
+    return _Reply((time.perf_counter() - first) / (chunks - 1), text) if chunks > 1 else None
