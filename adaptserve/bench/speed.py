@@ -94,7 +94,7 @@ def http_vs_direct(
     at `url` serving it as `model`. Nothing else may run meanwhile."""
     llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=512)
     try:
-        llama_thread.run(_chat_tpot, llm, chats[0], max_tokens)  # warm-up, excluded
+        llama_thread.run(_direct_chat, llm, chats[0], max_tokens)  # warm-up, excluded
         pairs = _pairs(llm, url, model, chats, max_tokens)
     finally:
         llm.close()
@@ -114,6 +114,8 @@ def http_vs_direct(
 
 @dataclass(frozen=True)
 class _Reply:
+    """One streamed chat reply: seconds per content chunk after the first, and its text."""
+
     tpot: float
     text: str
 
@@ -123,7 +125,7 @@ def _pairs(
 ) -> list[tuple[_Reply, _Reply]]:
     pairs = []
     for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
-        direct = llama_thread.run(_chat_tpot, llm, chat, max_tokens)
+        direct = llama_thread.run(_direct_chat, llm, chat, max_tokens)
         http = stream_chat_blocking(url, model, chat, max_tokens)
         if direct is not None and http.tpot is not None:
             pairs.append((direct, _Reply(http.tpot, http.text)))
@@ -140,7 +142,7 @@ def _timed(llm: llama_cpp.Llama, batches: list[list[int]]) -> float:
     return time.perf_counter() - start
 
 
-def _chat_tpot(llm: llama_cpp.Llama, chat: list[Message], max_tokens: int) -> _Reply | None:
+def _direct_chat(llm: llama_cpp.Llama, chat: list[Message], max_tokens: int) -> _Reply | None:
     """Seconds per content chunk after the first of one streamed chat completion, timed as the HTTP client times
     a request, and its text; None below two chunks."""
     first, chunks, text = 0.0, 0, ""
