@@ -6,6 +6,9 @@ workers spin between regions (100 spins instead of ~3 ms) and every llama_decode
 woken. With base and adapted each decoding on its own engine thread, 2 cores hold 3 such threads: single-client
 decoding of either model fell from ~75 to ~57 tokens/s as soon as both had answered once. Every llama_decode here
 (the engines, export checks, bench) therefore runs on this one thread: one team, however many models are loaded.
+The engines' schedulers run there too, a step of each in turn (`attach`), rather than each on a thread of its own
+handing its decode calls over: a hand-over made this thread take the GIL back before it could call llama.cpp, and
+the event loop, woken by the token just emitted, usually held it then; that wait delayed every decode step.
 
 The team's size defaults to one thread per physical core this process may run on, as llama.cpp's own tools do.
 llama-cpp-python's default is half the logical CPUs (a guess at hyper-threading): on a 2-core VM without it, that is
@@ -22,10 +25,13 @@ a tiled kernel once eight or more rows do (`GGML_CPU_TILED_MM`).
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -42,16 +48,99 @@ T = TypeVar("T")
 # faster, one sequence alike; Q4_1 never takes that kernel. A value already in the environment wins.
 os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
+log = logging.getLogger(__name__)
 _here = threading.local()
 _loading = threading.Lock()
-_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama", initializer=lambda: setattr(_here, "inside", True))
+
+
+class _LlamaThread:
+    """Runs functions handed to it, and a step of every attached engine in turn while any has work; sleeps when
+    neither has any."""
+
+    def __init__(self) -> None:
+        self._wakeup = threading.Condition()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
+        self._steps: list[Callable[[], bool]] = []
+        self._busy = False  # an engine said it has more to do: step again without waiting
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        done: Future[T] = Future()
+        with self._wakeup:
+            self._calls.append((fn, done))
+            self._start()
+            self._wakeup.notify()
+        return done.result()
+
+    def attach(self, step: Callable[[], bool]) -> None:
+        with self._wakeup:
+            self._steps.append(step)
+            self._start()
+
+    def detach(self, step: Callable[[], bool]) -> None:
+        with self._wakeup:
+            self._steps.remove(step)
+
+    def wake(self) -> None:
+        with self._wakeup:
+            self._busy = True
+            self._wakeup.notify()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llama", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        _here.inside = True
+        while True:
+            with self._wakeup:
+                while not (self._calls or self._busy):
+                    self._wakeup.wait()
+                calls, self._busy = list(self._calls), False
+                self._calls.clear()
+            for fn, done in calls:
+                try:
+                    done.set_result(fn())
+                except BaseException as err:  # the caller gets it, as from a ThreadPoolExecutor
+                    done.set_exception(err)
+            with self._wakeup:  # after the calls: a step one of them detached is not called again
+                steps = list(self._steps)
+            busy = False
+            for step in steps:
+                try:
+                    busy = step() or busy
+                except Exception:  # an engine's failure must not stop the others
+                    log.exception("an engine step failed")
+            if busy:
+                with self._wakeup:
+                    self._busy = True
+
+
+_thread = _LlamaThread()
 
 
 def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn(*args, **kwargs)` on the llama.cpp thread, the caller waiting for it; at once if called from there."""
     if getattr(_here, "inside", False):
         return fn(*args, **kwargs)
-    return _executor.submit(fn, *args, **kwargs).result()
+    return _thread.call(functools.partial(fn, *args, **kwargs))
+
+
+def attach(step: Callable[[], bool]) -> None:
+    """Call `step()` on the llama.cpp thread, in turn with the other attached steps, for as long as it returns True
+    or `wake()` is called; it must not block."""
+    _thread.attach(step)
+
+
+def detach(step: Callable[[], bool]) -> None:
+    """Stop calling `step`; run from the llama.cpp thread (`run`) to be sure it is not running meanwhile."""
+    _thread.detach(step)
+
+
+def wake() -> None:
+    """Step the attached engines now: one has new work."""
+    _thread.wake()
 
 
 def n_threads(requested: int | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -81,6 +82,26 @@ def test_default_threads_are_one_per_physical_core() -> None:
         assert (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (cores, cores)
     finally:
         eng.close()
+
+
+def test_engines_take_turns_on_the_one_llama_thread() -> None:
+    """Two engines decode at once, a step of each in turn on one thread, which also runs (and reports) calls."""
+    engines = [LlamaCppEngine(resolve("smollm2-135m"), n_ctx=64, n_slots=1) for _ in range(2)]
+
+    async def run() -> list[str]:
+        params = SamplingParams(max_tokens=8, temperature=0)
+        prompt = engines[0].chat_prompt([{"role": "user", "content": "Hi"}])
+        return [c.text for c in await asyncio.gather(*(e.complete(prompt, params) for e in engines))]
+
+    try:
+        first, second = asyncio.run(run())
+        assert first == second and first
+        assert llama_thread.run(threading.current_thread).name == "llama"
+        with pytest.raises(ZeroDivisionError):
+            llama_thread.run(divmod, 1, 0)
+    finally:
+        for eng in engines:
+            eng.close()
 
 
 def test_chat_template_comes_from_the_gguf(engine: LlamaCppEngine) -> None:

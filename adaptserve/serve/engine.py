@@ -1,12 +1,11 @@
 """llama.cpp engine: owns one GGUF model, its request queue, its batch scheduler and its sampling.
 
 The HTTP layer never touches the model. It tokenizes through the engine, submits a prompt with
-`SamplingParams`, and reads `TextDelta`s then one `Finished` from the returned `Generation`. One worker
-thread owns all llama.cpp state and runs continuous batching: queued requests are admitted into free KV
-slots (see `kvslots.py`), prompts are prefilled a chunk per step, and every running sequence advances one
-token per `llama_decode`, each sampled from its own logits row with its own sampler. The decode calls themselves
-run on the process's one llama.cpp thread (`llama_thread.py`), which every engine shares. ctypes drops the GIL
-during decode, so the event loop keeps serving HTTP meanwhile.
+`SamplingParams`, and reads `TextDelta`s then one `Finished` from the returned `Generation`. The scheduler
+runs continuous batching on the process's one llama.cpp thread (`llama_thread.py`), a step at a time in turn with
+the other engines': queued requests are admitted into free KV slots (see `kvslots.py`), prompts are prefilled a
+chunk per step, and every running sequence advances one token per `llama_decode`, each sampled from its own
+logits row with its own sampler. ctypes drops the GIL during decode, so the event loop keeps serving HTTP meanwhile.
 """
 
 from __future__ import annotations
@@ -322,12 +321,11 @@ class LlamaCppEngine:
         self._chat = self._chat_formatter()
         self._jobs: JobQueue[_Job] = JobQueue(self.name, queue_size)
         self._held: list[tuple[_Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
-        self._stopping = threading.Event()
-        # Written by the worker only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
+        self._running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
+        # Written by the scheduler only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
         self.tokens_generated = 0
         self.requests_cancelled = 0
-        self._worker = threading.Thread(target=self._work, name=f"engine-{self.name}", daemon=True)
-        self._worker.start()
+        llama_thread.attach(self._tick)
         log.info(
             "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot prefill_chunk=%d chat_template=%s",
             self.name,
@@ -390,6 +388,7 @@ class LlamaCppEngine:
         self.budget(prompt, params.max_tokens)
         generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
         self._jobs.put(_Job(list(prompt), params, generation.put, generation.cancelled))
+        llama_thread.wake()
         return generation
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
@@ -421,29 +420,31 @@ class LlamaCppEngine:
         self._jobs.drain(timeout)
 
     def close(self) -> None:
-        """Stop the worker after the decode step in hand (running requests fail) and free the model."""
-        self._stopping.set()
-        self._jobs.fail_queued()
-        self._jobs.wake()
-        self._worker.join(timeout=30)
+        """Stop scheduling after the decode step in hand (running and queued requests fail) and free the model."""
+        llama_thread.run(self._stop)
         self.slots.close()
         self.llm.close()
         log.info("closed %s", self.name)
 
-    # ---- worker thread: the scheduler ----
+    # ---- the scheduler: runs on the llama.cpp thread, a step at a time, in turn with the other engines ----
 
-    def _work(self) -> None:
-        running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
-        while not self._stopping.is_set():
-            if self._jobs.past_deadline():
-                self._shed(running)
-            self._admit(running)
-            try:
-                self._step(running)
-            except Exception as err:  # a failed decode leaves every sequence in it unusable, not the worker
-                log.exception("decode step failed on %s", self.name)
-                self._fail(running, Failed(f"{type(err).__name__}: {err}"))
-        self._shed(running)
+    def _tick(self) -> bool:
+        """Admit what fits, then one decode step; whether there is more to do without new requests (sequences
+        running, or requests waiting for the slots this step may have freed)."""
+        running = self._running
+        if self._jobs.past_deadline():
+            self._shed(running)
+        self._admit(running)
+        try:
+            self._step(running)
+        except Exception as err:  # a failed decode leaves every sequence in it unusable, not the scheduler
+            log.exception("decode step failed on %s", self.name)
+            self._fail(running, Failed(f"{type(err).__name__}: {err}"))
+        return bool(running or self._held) or self._jobs.qsize() > 0
+
+    def _stop(self) -> None:
+        llama_thread.detach(self._tick)
+        self._shed(self._running)
 
     def _shed(self, running: list[_Sequence]) -> None:
         """Fail every request the engine holds, running or waiting: the server is going away."""
@@ -454,18 +455,17 @@ class LlamaCppEngine:
         self._jobs.fail_queued()
 
     def _admit(self, running: list[_Sequence]) -> None:
-        """Start jobs in free slots: held-back ones first, then queued ones; wait for a job only when nothing runs."""
+        """Start jobs in free slots: held-back ones first, then queued ones."""
         held, self._held = self._held, []
         for job, dequeued in held:
             self._place(job, dequeued, running)
         while self.slots.has_free():
             try:
-                job = self._jobs.get(block=not running)
+                job = self._jobs.get(block=False)
             except queue.Empty:
                 return
-            if job is None:  # close() is waking us
-                return
-            self._place(job, time.perf_counter(), running)
+            if job is not None:  # None only wakes a worker blocked in get(), which this one never is
+                self._place(job, time.perf_counter(), running)
 
     def _place(self, job: _Job, dequeued: float, running: list[_Sequence]) -> None:
         if job.cancelled.is_set():
