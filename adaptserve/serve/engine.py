@@ -127,7 +127,7 @@ class Generation:
         # time per streamed token.
         self._timer = loop.call_later(timeout, self._events.put_nowait, _EXPIRED) if timeout else None
 
-    def put(self, event: Event) -> None:  # called from the worker thread
+    def put(self, event: Event) -> None:  # called from the engine's thread (llama.cpp's, or the transformers worker)
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
@@ -475,7 +475,7 @@ class LlamaCppEngine:
         else:
             try:
                 running.append(self._start(job, dequeued))
-            except Exception as err:  # a broken request must not kill the worker
+            except Exception as err:  # a broken request must not stop the scheduler
                 log.exception("could not start a generation on %s", self.name)
                 job.emit(Failed(f"{type(err).__name__}: {err}"))
 

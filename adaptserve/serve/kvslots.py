@@ -90,7 +90,7 @@ class KVSlots:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=max_batch, embd=0, n_seq_max=1, verbose=False)
         self.slots = [Slot(i) for i in range(n_slots)]
-        # Written by the worker only; read by /metrics.
+        # Written by the scheduler only; read by /metrics.
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
 
