@@ -54,8 +54,8 @@ _loading = threading.Lock()
 
 
 class _LlamaThread:
-    """Runs functions handed to it, and a step of every attached engine in turn while any has work; sleeps when
-    neither has any."""
+    """Runs the functions handed to it, then a step of every attached engine in turn, round after round while an
+    engine has work; sleeps while there is nothing to do."""
 
     def __init__(self) -> None:
         self._wakeup = threading.Condition()
