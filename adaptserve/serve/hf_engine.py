@@ -54,6 +54,7 @@ from adaptserve.train.model import _nf4, base_dir, use_bf16
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+MIXED = "<mixed>"  # LoRA layers routed per row; "<" is outside ADAPTER_NAME, so no adapter is called this
 # After the first request of a batch arrives, wait this long for others sent at the same moment: a whole batch
 # runs for seconds, and without it concurrent clients that resubmit together get split into lopsided batches.
 GATHER_SECONDS = 0.01
@@ -105,7 +106,10 @@ def load_base_model(location: str, device: torch.device, precision: str = "auto"
         precision = "nf4" if device.type == "cuda" else "bf16" if use_bf16("auto", device) else "fp32"
     if precision == "nf4":
         nf4 = _nf4(torch.bfloat16)
-        return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}, quantization_config=nf4).eval()
+        # the layers bitsandbytes leaves unquantized (embeddings, norms) in the compute dtype too, not fp32
+        return AutoModelForCausalLM.from_pretrained(
+            location, device_map={"": device}, quantization_config=nf4, dtype=torch.bfloat16
+        ).eval()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
 
@@ -166,6 +170,7 @@ class HFBase:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a batch ends: its adapters may be unloaded
         self._active: set[str | None] = set()  # adapters the running batch uses
+        self._routed: str | None = MIXED  # where the LoRA layers point (see _route); MIXED is also peft's default
         self._jobs: JobQueue[_Job] = JobQueue(spec.name, queue_size)
         self._stopping = threading.Event()
         self.slots_busy = 0
@@ -202,6 +207,7 @@ class HFBase:
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, use_safetensors=True)
             self.model.eval()
+            self._route(MIXED, force=True)  # the new adapter's layers on, whatever the last batch had set
             self.adapters[name] = path
         log.info("adapter %s loaded from %s on %s", name, path, self.spec.name)
 
@@ -213,6 +219,7 @@ class HFBase:
             assert isinstance(self.model, PeftModel)
             if self.adapters:
                 self.model.delete_adapter(name)
+                self._route(MIXED, force=True)
             else:  # the last one: back to the bare base, as it was loaded
                 self.model = self.model.unload()
         log.info("adapter %s unloaded from %s", name, self.spec.name)
@@ -341,9 +348,30 @@ class HFBase:
         peft rewires modules when another thread loads an adapter."""
         with self._lock:
             if isinstance(self.model, PeftModel):
-                inputs["adapter_names"] = [r.job.adapter or BASE for r in rows]
+                adapters = {r.job.adapter for r in rows}
+                self._route(adapters.pop() if len(adapters) == 1 else MIXED)
+                if self._routed == MIXED:
+                    inputs["adapter_names"] = [r.job.adapter or BASE for r in rows]
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.cache
+
+    def _route(self, to: str | None, force: bool = False) -> None:
+        """Point the LoRA layers at one adapter, at none (None: the base alone), or at MIXED: each row through its
+        own, by peft's `adapter_names`. That per-row routing indexes every LoRA layer's input per adapter and hooks
+        every module on each call: on CPU a decode step through the adapter took 129 ms routed per row against 87 ms
+        with the adapter set (75 ms base alone against 100), and on CUDA each index is a host-to-device copy. So a
+        batch on one adapter, the usual case, runs with that adapter set; switching costs a walk over the modules,
+        paid only when the next batch wants another."""
+        if to == self._routed and not force:
+            return
+        assert isinstance(self.model, PeftModel)
+        if to is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            if to != MIXED:
+                self.model.set_adapter(to)
+        self._routed = to
 
     def _run(self, rows: list[_Row]) -> None:
         """Prefill the rows' prompts together (left-padded), then decode a token per row per step until all end."""
