@@ -49,6 +49,7 @@ def main() -> None:
     spec = resolve(args.model)
     bases = [HFBase(spec, n_ctx=512, n_slots=slots, n_threads=args.threads, precision=args.precision) for slots in args.slots]
     weights = bases[0].model.get_memory_footprint()
+    log.info("%s weights: %.0f MiB (%s)", spec.name, weights / 2**20, describe_weights(bases[0]))  # kept if cut short
     served, adapter = spec, None
     if args.adapter:
         served, adapter = resolve(args.adapter), "adapter"

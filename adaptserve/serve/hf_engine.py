@@ -8,7 +8,8 @@ in memory, as in LoRAX or vLLM's multi-LoRA.
 Batching is static: the worker takes up to `n_slots` waiting requests, left-pads their prompts into one prefill,
 then decodes them together, one token per row per forward pass, until each has finished; finished rows leave the
 batch (and the KV cache) at once. peft's mixed-batch LoRA (`adapter_names=[...]`) applies each row's own adapter
-in the same forward pass, so a batch may mix the base and several adapters.
+in the same forward pass, so a batch may mix the base and several adapters; a batch on one adapter runs with that
+adapter set, which is cheaper (`HFBase._route`).
 """
 
 from __future__ import annotations
@@ -358,10 +359,10 @@ class HFBase:
     def _route(self, to: str | None, force: bool = False) -> None:
         """Point the LoRA layers at one adapter, at none (None: the base alone), or at MIXED: each row through its
         own, by peft's `adapter_names`. That per-row routing indexes every LoRA layer's input per adapter and hooks
-        every module on each call: on CPU a decode step through the adapter took 129 ms routed per row against 87 ms
-        with the adapter set (75 ms base alone against 100), and on CUDA each index is a host-to-device copy. So a
-        batch on one adapter, the usual case, runs with that adapter set; switching costs a walk over the modules,
-        paid only when the next batch wants another."""
+        every module on each call: on 2 CPU cores a decode step of 4 rows through the adapter took 150-182 ms routed
+        per row against 128-143 ms with the adapter set (benchmarks/hf_steps.py), and on CUDA each index is a
+        host-to-device copy. So a batch on one adapter, the usual case, runs with that adapter set; switching costs a
+        walk over the modules, paid only when the next batch wants another."""
         if to == self._routed and not force:
             return
         assert isinstance(self.model, PeftModel)
