@@ -71,6 +71,27 @@ def test_mixed_batch_matches_each_request_alone(base: HFBase) -> None:
     assert "(" in batched[0] and batched[0] != batched[1]  # the adapter writes a program, the base does not
 
 
+def test_adapter_loaded_after_a_base_only_batch_still_applies(base: HFBase, tmp_path: Path) -> None:
+    """A batch on the base alone turns the LoRA layers off (HFBase._route); an adapter loaded after it, in a mixed
+    batch beside the base, must still be applied, not silently skipped."""
+    plain, adapted = HFEngine(base, resolve("smollm2-135m"), None), HFEngine(base, resolve(FINQA), FINQA)
+    prompt = finqa_chat(adapted, finqa.load_finqa(split="test")[0])
+    expected = asyncio.run(adapted.complete(prompt, GREEDY)).text
+    asyncio.run(plain.complete(prompt, GREEDY))
+    base.load_adapter("finqa-2", Path(shutil.copytree(SHIPPED, tmp_path / "finqa-2")))
+    try:
+        second = HFEngine(base, resolve(FINQA), "finqa-2")
+
+        async def mixed() -> list[str]:
+            generations = [second.submit(prompt, GREEDY), plain.submit(prompt, GREEDY)]
+            return [(await g.collect()).text for g in generations]
+
+        copy, unadapted = asyncio.run(mixed())
+        assert copy == expected and unadapted != expected
+    finally:
+        base.unload_adapter("finqa-2")
+
+
 def test_sampling_stops_and_lengths(base: HFBase) -> None:
     engine = HFEngine(base, resolve("smollm2-135m"), None)
     prompt = engine.tokenize("Once upon a time")
