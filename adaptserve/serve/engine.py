@@ -250,7 +250,7 @@ class _Sequence:
 
     job: _Job
     slot: Slot
-    sampler: _internals.LlamaSampler
+    sampler: _internals.LlamaSampler | None  # None: greedy (KVSlots.sample)
     limit: int  # completion tokens it may have
     pending: list[int]  # prompt tokens not decoded yet
     stops: StopMatcher
@@ -276,12 +276,12 @@ def completion_budget(prompt: list[int], max_tokens: int | None, n_ctx: int) -> 
     return room if max_tokens is None else max_tokens
 
 
-def _sampler(params: SamplingParams) -> _internals.LlamaSampler:
-    """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p, penalties)."""
-    sampler = _internals.LlamaSampler()
+def _sampler(params: SamplingParams) -> _internals.LlamaSampler | None:
+    """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p,
+    penalties); None for greedy, which KVSlots.sample does itself."""
     if params.temperature == 0:
-        sampler.add_greedy()
-        return sampler
+        return None
+    sampler = _internals.LlamaSampler()
     sampler.add_top_p(params.top_p, 1)
     sampler.add_temp(params.temperature)
     sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
@@ -541,7 +541,8 @@ class LlamaCppEngine:
     def _finish(self, running: list[_Sequence], seq: _Sequence, reason: str) -> None:
         running.remove(seq)
         self.slots.release(seq.slot)
-        seq.sampler.close()
+        if seq.sampler is not None:
+            seq.sampler.close()
         if not seq.cut:  # text held back as a possible stop-string prefix is real output after all
             tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
             if tail:
@@ -552,6 +553,7 @@ class LlamaCppEngine:
     def _fail(self, running: list[_Sequence], failure: Failed) -> None:
         for seq in running:
             self.slots.reset(seq.slot)
-            seq.sampler.close()
+            if seq.sampler is not None:
+                seq.sampler.close()
             seq.job.emit(failure)
         running.clear()
