@@ -1,6 +1,7 @@
 """Where a transformers decode step's time goes, one layer of the stack at a time: the bare base, the base with a
-LoRA adapter set, the same rows routed per row by peft (`adapter_names`, what a mixed batch needs), the base with
-its adapter layers off, and `HFEngine` end to end (scheduler, sampling, detokenizing, streaming).
+LoRA adapter set or with its adapter layers off, a batch of rows half on the adapter and half on the base (routed
+by peft's `adapter_names`, and by HFBase's row masks), and `HFEngine` end to end through the adapter (scheduler,
+sampling, detokenizing, streaming).
 
     PYTHONPATH=. .venv/bin/python benchmarks/hf_steps.py --out benchmarks/results/hf-steps/cpu
 
@@ -82,9 +83,14 @@ def main() -> None:
     for b in args.batch:
         model.set_adapter(ADAPTER)
         rows[b]["adapter set"] = step_ms(base, b, args.steps)
-        rows[b]["routed per row (adapter_names)"] = step_ms(base, b, args.steps, adapter_names=[ADAPTER] * b)
         with model.disable_adapter():
             rows[b]["adapter layers off"] = step_ms(base, b, args.steps)
+        if b > 1:  # half the rows on the adapter, half on the base: peft's per-row routing, then the engine's masks
+            half = [ADAPTER, None] * (b // 2) + [ADAPTER] * (b % 2)
+            names = [a or "__base__" for a in half]  # peft's name for the base in adapter_names
+            rows[b]["mixed rows, peft's adapter_names"] = step_ms(base, b, args.steps, adapter_names=names)
+            base._route(half)  # what HFEngine does for such a batch; its next batch resets it
+            rows[b]["mixed rows, HFBase masks"] = step_ms(base, b, args.steps)
         rows[b]["HFEngine through the adapter"] = engine_ms(base, b, args.steps)
         log.info("batch %d: %s", b, rows[b])
     result = {

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,11 +127,12 @@ def test_leaving_a_stream_cancels_its_row_only(base: HFBase) -> None:
     assert base.requests_cancelled == cancelled + 1
 
 
-def write_lora(path: Path, recorded_base: str, fan_in: int, fan_out: int) -> Path:
+def write_lora(path: Path, recorded_base: str, fan_in: int, fan_out: int, **config_changes: Any) -> Path:
     """A real PEFT LoRA directory whose q_proj factors have the given sizes."""
     path.mkdir(parents=True)
     config = json.loads((SHIPPED / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recorded_base, "r": 8}))
+    config |= {"base_model_name_or_path": recorded_base, "r": 8, **config_changes}
+    (path / "adapter_config.json").write_text(json.dumps(config))
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     save_file(
         {f"{key}.lora_A.weight": torch.zeros(8, fan_in), f"{key}.lora_B.weight": torch.zeros(fan_out, 8)},
@@ -147,6 +149,16 @@ def test_adapter_for_another_base_is_refused(base: HFBase, tmp_path: Path) -> No
     with pytest.raises(AdapterError, match="does not fit base"):
         base.load_adapter("other-lora", unnamed)
     assert list(base.adapters) == [FINQA]
+
+
+def test_lora_variant_is_refused(base: HFBase, tmp_path: Path) -> None:
+    """DoRA scales the base output too, so masking its input per row would not keep it off other rows: refused,
+    and the base goes on serving as before."""
+    dora = write_lora(tmp_path / "dora", "smollm2-135m", 576, 576, use_dora=True)
+    with pytest.raises(AdapterError, match="LoRA variant"):
+        base.load_adapter("dora", dora)
+    assert list(base.adapters) == [FINQA]
+    test_mixed_batch_matches_each_request_alone(base)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,15 @@ in memory, as in LoRAX or vLLM's multi-LoRA.
 
 Batching is static: the worker takes up to `n_slots` waiting requests, left-pads their prompts into one prefill,
 then decodes them together, one token per row per forward pass, until each has finished; finished rows leave the
-batch (and the KV cache) at once. peft's mixed-batch LoRA (`adapter_names=[...]`) applies each row's own adapter
-in the same forward pass, so a batch may mix the base and several adapters; a batch on one adapter runs with that
-adapter set, which is cheaper (`HFBase._route`).
+batch (and the KV cache) at once. A batch may mix the base and several adapters: the batch's adapters are all
+active, and each one's input is masked to its own rows (`HFBase._route`), so every row gets its own adapter in the
+same forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import random
@@ -29,6 +30,8 @@ from typing import Any
 import jinja2
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, PreTrainedModel
 
 from adaptserve.export.adapter import read_adapter
@@ -54,8 +57,6 @@ from adaptserve.train.model import _nf4, base_dir, use_bf16
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-MIXED = "<mixed>"  # LoRA layers routed per row; "<" is outside ADAPTER_NAME, so no adapter is called this
 # After the first request of a batch arrives, wait this long for others sent at the same moment: a whole batch
 # runs for seconds, and without it concurrent clients that resubmit together get split into lopsided batches.
 GATHER_SECONDS = 0.01
@@ -171,7 +172,9 @@ class HFBase:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a batch ends: its adapters may be unloaded
         self._active: set[str | None] = set()  # adapters the running batch uses
-        self._routed: str | None = MIXED  # where the LoRA layers point (see _route); MIXED is also peft's default
+        self._routing: frozenset[str | None] | None = None  # the adapters the LoRA layers are set up for (_route)
+        self._row_masks: dict[str, torch.Tensor] = {}  # in a mixed batch, each adapter's rows (_mask_rows)
+        self._hooks: dict[str, list[RemovableHandle]] = {}
         self._jobs: JobQueue[_Job] = JobQueue(spec.name, queue_size)
         self._stopping = threading.Event()
         self.slots_busy = 0
@@ -208,7 +211,13 @@ class HFBase:
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, use_safetensors=True)
             self.model.eval()
-            self._route(MIXED, force=True)  # the new adapter's layers on, whatever the last batch had set
+            self._routing = None  # the next batch sets the layers up afresh
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+            mask = functools.partial(self._mask_rows, name)
+            self._hooks[name] = [layer.lora_A[name].register_forward_pre_hook(mask) for layer in layers]
+            if any(name in layer.lora_variant for layer in layers):  # masking its input would not zero its update
+                self._detach(name)
+                raise AdapterError(f"adapter {path} is a LoRA variant (DoRA or another): only plain LoRA is served")
             self.adapters[name] = path
         log.info("adapter %s loaded from %s on %s", name, path, self.spec.name)
 
@@ -217,13 +226,19 @@ class HFBase:
         with self._idle:
             self._idle.wait_for(lambda: name not in self._active)
             del self.adapters[name]
-            assert isinstance(self.model, PeftModel)
-            if self.adapters:
-                self.model.delete_adapter(name)
-                self._route(MIXED, force=True)
-            else:  # the last one: back to the bare base, as it was loaded
-                self.model = self.model.unload()
+            self._detach(name)
         log.info("adapter %s unloaded from %s", name, self.spec.name)
+
+    def _detach(self, name: str) -> None:
+        """Remove an adapter's modules; without the last one the model is the bare base again, as it was loaded."""
+        assert isinstance(self.model, PeftModel)
+        for handle in self._hooks.pop(name):
+            handle.remove()
+        if len(self.model.peft_config) > 1:
+            self.model.delete_adapter(name)
+        else:
+            self.model = self.model.unload()
+        self._routing = None
 
     def _base_model(self) -> PreTrainedModel:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
@@ -349,30 +364,39 @@ class HFBase:
         peft rewires modules when another thread loads an adapter."""
         with self._lock:
             if isinstance(self.model, PeftModel):
-                adapters = {r.job.adapter for r in rows}
-                self._route(adapters.pop() if len(adapters) == 1 else MIXED)
-                if self._routed == MIXED:
-                    inputs["adapter_names"] = [r.job.adapter or BASE for r in rows]
+                self._route([r.job.adapter for r in rows])
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.cache
 
-    def _route(self, to: str | None, force: bool = False) -> None:
-        """Point the LoRA layers at one adapter, at none (None: the base alone), or at MIXED: each row through its
-        own, by peft's `adapter_names`. That per-row routing indexes every LoRA layer's input per adapter and hooks
-        every module on each call: on 2 CPU cores a decode step of 4 rows through the adapter took 150-182 ms routed
-        per row against 128-143 ms with the adapter set (benchmarks/hf_steps.py), and on CUDA each index is a
-        host-to-device copy. So a batch on one adapter, the usual case, runs with that adapter set; switching costs a
-        walk over the modules, paid only when the next batch wants another."""
-        if to == self._routed and not force:
-            return
-        assert isinstance(self.model, PeftModel)
-        if to is None:
-            self.model.base_model.disable_adapter_layers()
-        else:
-            self.model.base_model.enable_adapter_layers()
-            if to != MIXED:
-                self.model.set_adapter(to)
-        self._routed = to
+    def _route(self, wanted: list[str | None]) -> None:
+        """Set the LoRA layers up for a batch whose rows want these adapters (None: the base): all off for a batch
+        on the base alone; else the batch's adapters active, and where rows differ, each adapter's input masked to
+        its own rows. peft's own per-row routing (`adapter_names`) indexes every LoRA layer's input per adapter and
+        hooks every module on each call: on a model of SmolLM2's shape without compute (host time alone, 2-core
+        CPU) 4 mixed rows took 42 ms a step routed that way, 21 ms masked, 20 ms on one adapter; on CUDA each of
+        its indexes is a host-to-device copy. Switching adapters walks the modules, so it happens only when the
+        next batch wants others."""
+        adapters = frozenset(wanted)
+        if adapters != self._routing:
+            assert isinstance(self.model, PeftModel)
+            if adapters == {None}:
+                self.model.base_model.disable_adapter_layers()
+            else:
+                self.model.base_model.enable_adapter_layers()
+                self.model.base_model.set_adapter(sorted(a for a in adapters if a is not None))
+            self._routing = adapters
+        rows_differ = len(adapters) > 1  # else every row is on one adapter, or all on the base: nothing to mask
+        self._row_masks = {
+            a: torch.tensor([w == a for w in wanted], device=self.device).view(-1, 1, 1)  # rows x 1 x 1
+            for a in adapters
+            if a is not None and rows_differ
+        }
+
+    def _mask_rows(self, adapter: str, _: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Forward pre-hook of each of the adapter's lora_A layers: in a mixed batch, the input of other rows is
+        zeroed, so the adapter's update B(A(x)) adds exactly 0 there (lora_A has no bias)."""
+        mask = self._row_masks.get(adapter)
+        return None if mask is None else (args[0] * mask, *args[1:])
 
     def _run(self, rows: list[_Row]) -> None:
         """Prefill the rows' prompts together (left-padded), then decode a token per row per step until all end."""
