@@ -151,12 +151,14 @@ def test_adapter_for_another_base_is_refused(base: HFBase, tmp_path: Path) -> No
     assert list(base.adapters) == [FINQA]
 
 
-def test_lora_variant_is_refused(base: HFBase, tmp_path: Path) -> None:
-    """DoRA scales the base output too, so masking its input per row would not keep it off other rows: refused,
-    and the base goes on serving as before."""
+def test_lora_variant_or_embedding_lora_is_refused(base: HFBase, tmp_path: Path) -> None:
+    """DoRA also rescales the base output, and an embedding LoRA has no lora_A layer to mask, so neither would stay
+    off other rows of a mixed batch: refused, and the base goes on serving as before."""
     dora = write_lora(tmp_path / "dora", "smollm2-135m", 576, 576, use_dora=True)
-    with pytest.raises(AdapterError, match="LoRA variant"):
-        base.load_adapter("dora", dora)
+    embedding = write_lora(tmp_path / "embedding", "smollm2-135m", 576, 576, target_modules=["q_proj", "embed_tokens"])
+    for name, path in (("dora", dora), ("embedding", embedding)):
+        with pytest.raises(AdapterError, match="only plain LoRA on linear layers"):
+            base.load_adapter(name, path)
     assert list(base.adapters) == [FINQA]
     test_mixed_batch_matches_each_request_alone(base)
 

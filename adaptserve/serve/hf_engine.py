@@ -212,12 +212,14 @@ class HFBase:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, use_safetensors=True)
             self.model.eval()
             self._routing = None  # the next batch sets the layers up afresh
-            layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
             mask = functools.partial(self._mask_rows, name)
-            self._hooks[name] = [layer.lora_A[name].register_forward_pre_hook(mask) for layer in layers]
-            if any(name in layer.lora_variant for layer in layers):  # masking its input would not zero its update
+            self._hooks[name] = [m.lora_A[name].register_forward_pre_hook(mask) for m in layers if name in m.lora_A]
+            # Masking lora_A's input keeps an adapter off other rows only for plain LoRA on linear layers: a variant
+            # (DoRA) also rescales the base output, and an embedding LoRA has no lora_A module to hook.
+            if any(name in m.lora_variant or name in m.lora_embedding_A for m in layers):
                 self._detach(name)
-                raise AdapterError(f"adapter {path} is a LoRA variant (DoRA or another): only plain LoRA is served")
+                raise AdapterError(f"adapter {path}: only plain LoRA on linear layers is served (no DoRA, no embeddings)")
             self.adapters[name] = path
         log.info("adapter %s loaded from %s on %s", name, path, self.spec.name)
 
