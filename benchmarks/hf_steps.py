@@ -78,19 +78,18 @@ def main() -> None:
     base = HFBase(resolve("smollm2-135m"), n_ctx=512, n_slots=max(args.batch), n_threads=args.threads, precision=args.precision)
     rows: dict[int, dict[str, float]] = {b: {"bare base": step_ms(base, b, args.steps)} for b in args.batch}
     base.load_adapter(ADAPTER, resolve(ADAPTER).path)
-    model = base.model
-    assert isinstance(model, peft.PeftModel)
+    # The LoRA layers are set up by HFBase's own routing (what HFEngine does for such a batch), never behind its back.
     for b in args.batch:
-        model.set_adapter(ADAPTER)
+        base._route([ADAPTER] * b)
         rows[b]["adapter set"] = step_ms(base, b, args.steps)
-        with model.disable_adapter():
-            rows[b]["adapter layers off"] = step_ms(base, b, args.steps)
         if b > 1:  # half the rows on the adapter, half on the base: peft's per-row routing, then the engine's masks
             half = [ADAPTER, None] * (b // 2) + [ADAPTER] * (b % 2)
             names = [a or "__base__" for a in half]  # peft's name for the base in adapter_names
             rows[b]["mixed rows, peft's adapter_names"] = step_ms(base, b, args.steps, adapter_names=names)
-            base._route(half)  # what HFEngine does for such a batch; its next batch resets it
+            base._route(half)
             rows[b]["mixed rows, HFBase masks"] = step_ms(base, b, args.steps)
+        base._route([None] * b)
+        rows[b]["adapter layers off"] = step_ms(base, b, args.steps)
         rows[b]["HFEngine through the adapter"] = engine_ms(base, b, args.steps)
         log.info("batch %d: %s", b, rows[b])
     result = {
