@@ -261,6 +261,10 @@ class _Sequence:
     first_token_at: float | None = None
     cut: bool = False  # a stop string ended it
 
+    def close_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+
 
 def completion_budget(prompt: list[int], max_tokens: int | None, n_ctx: int) -> int:
     """Completion tokens this prompt may have in a context of `n_ctx`; raises InvalidPrompt for an empty prompt and
@@ -541,8 +545,7 @@ class LlamaCppEngine:
     def _finish(self, running: list[_Sequence], seq: _Sequence, reason: str) -> None:
         running.remove(seq)
         self.slots.release(seq.slot)
-        if seq.sampler is not None:
-            seq.sampler.close()
+        seq.close_sampler()
         if not seq.cut:  # text held back as a possible stop-string prefix is real output after all
             tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
             if tail:
@@ -553,7 +556,6 @@ class LlamaCppEngine:
     def _fail(self, running: list[_Sequence], failure: Failed) -> None:
         for seq in running:
             self.slots.reset(seq.slot)
-            if seq.sampler is not None:
-                seq.sampler.close()
+            seq.close_sampler()
             seq.job.emit(failure)
         running.clear()
