@@ -24,3 +24,8 @@ def test_unknown_model_fails_with_a_message() -> None:
 def test_bad_flag_value_is_a_usage_error() -> None:
     out = run("serve", "--port", "eighty")
     assert out.returncode == 2 and "invalid int value" in out.stderr
+
+
+def test_unknown_kv_cache_type_fails_before_loading() -> None:
+    out = run("serve", "--kv-cache", "q4")
+    assert out.returncode == 2 and "kv_cache must be one of ['f16', 'q8_0'], got 'q4'" in out.stderr

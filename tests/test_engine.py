@@ -122,11 +122,25 @@ def batched() -> Iterator[LlamaCppEngine]:
     eng.close()
 
 
+def _adapter_engine(kv_cache: str) -> LlamaCppEngine:
+    gguf = ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m")
+    return LlamaCppEngine(
+        resolve(str(gguf)), n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32, kv_cache=kv_cache
+    )
+
+
 @pytest.fixture(scope="module")
 def adapter_batched() -> Iterator[LlamaCppEngine]:
     """The served adapter's q4_k_m: K-quant weights, the kernels the base's Q4_1 never meets."""
-    gguf = ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m")
-    eng = LlamaCppEngine(resolve(str(gguf)), n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32)
+    eng = _adapter_engine("f16")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def adapter_batched_q8_cache() -> Iterator[LlamaCppEngine]:
+    """The same with an 8-bit K/V cache, which computes attention with llama.cpp's flash-attention kernel."""
+    eng = _adapter_engine("q8_0")
     yield eng
     eng.close()
 
@@ -179,7 +193,7 @@ def assert_kv_matches_slots(engine: LlamaCppEngine) -> None:
         assert llama_cpp.llama_memory_seq_pos_max(engine.slots.ctx.memory, slot.seq_id) == len(slot.cached) - 1
 
 
-@pytest.mark.parametrize("engine", ["batched", "adapter_batched"])
+@pytest.mark.parametrize("engine", ["batched", "adapter_batched", "adapter_batched_q8_cache"])
 def test_batched_output_matches_running_alone(engine: str, request: pytest.FixtureRequest) -> None:
     batched: LlamaCppEngine = request.getfixturevalue(engine)
     requests = mixed_requests(batched)
@@ -238,15 +252,18 @@ def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
     assert chunks and all(start % size == 0 and n <= size for start, n in chunks), chunks
 
 
-@pytest.mark.parametrize("repeats", [2, 4])
-def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int) -> None:
+@pytest.mark.parametrize("kv_cache", ["f16", "q8_0"])
+@pytest.mark.parametrize("repeats", [2, 4, 12])
+def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache: str) -> None:
     """The adapter's q4_k_m holds Q4_K, Q6_K and Q8_0 weights, which llama.cpp would multiply with kernels that change
     a row's numbers once four rows (repacked weights) or eight rows (tiled K-quant kernel) share a call: a sequence's
     logits must be the same bit for bit with 0 or 7 short sequences decoding beside it, in that step and in the next
     (which reads the K/V the step wrote). Left on, repacking fails the 2-repeat prompt, the tiled kernel both (on some
-    other prompts, such as the 1-repeat one, neither kernel's rounding happened to reach the logits)."""
+    other prompts, such as the 1-repeat one, neither kernel's rounding happened to reach the logits). The 8-bit
+    cache computes attention with flash attention, which with an f16 cache changes a row's numbers once its
+    sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; kvslots.py)."""
     llm = llama_thread.load(ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m"), 2, n_ctx=64)
-    slots = KVSlots(llm, 8, n_ctx=256, max_batch=64)
+    slots = KVSlots(llm, 8, n_ctx=1024, max_batch=64, kv_cache=kv_cache)
     prompt = llm.tokenize(b"Revenue rose from 5,735 to 5,829 million dollars in 2019; costs fell by 12%." * repeats)
 
     def two_steps(beside: int) -> list[list[float]]:

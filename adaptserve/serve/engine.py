@@ -308,6 +308,7 @@ class LlamaCppEngine:
         queue_size: int = 64,
         n_slots: int = DEFAULT_SLOTS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache: str = "f16",
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
@@ -319,7 +320,7 @@ class LlamaCppEngine:
         self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX)
         self.n_threads: int = self.llm.n_threads
         self.prefill_chunk = prefill_chunk
-        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots))
+        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
         self.n_ctx = self.slots.n_ctx
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
         self._chat = self._chat_formatter()
@@ -331,12 +332,13 @@ class LlamaCppEngine:
         self.requests_cancelled = 0
         llama_thread.attach(self._tick)
         log.info(
-            "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot prefill_chunk=%d chat_template=%s",
+            "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot kv_cache=%s prefill_chunk=%d chat_template=%s",
             self.name,
             spec.location,
             self.n_threads,
             n_slots,
             self.n_ctx,
+            kv_cache,
             prefill_chunk,
             self._chat is not None,
         )
