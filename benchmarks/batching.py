@@ -91,9 +91,10 @@ def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int
     )
 
 
-def decode_ceiling(engine: LlamaCppEngine, batch_sizes: list[int], steps: int = 48) -> dict[int, float]:
+def decode_ceiling(engine: LlamaCppEngine, batch_sizes: list[int], kv_cache: str, steps: int = 48) -> dict[int, float]:
     """Tokens/s of bare llama_decode calls with B sequences of one token each, on a context set up as the engine's."""
-    slots = KVSlots(engine.llm, max(batch_sizes), n_ctx=512, max_batch=max(DEFAULT_PREFILL_CHUNK, *batch_sizes))
+    batch = max(DEFAULT_PREFILL_CHUNK, *batch_sizes)
+    slots = KVSlots(engine.llm, max(batch_sizes), n_ctx=512, max_batch=batch, kv_cache=kv_cache)
     rates = {}
     for size in batch_sizes:
         held = slots.slots[:size]  # consecutive ids, as the engine keeps its busy slots
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache", default="f16", help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/batching")
     parser.add_argument("--note", default="", help="what else was going on, for the report")
     args = parser.parse_args()
@@ -165,13 +167,15 @@ def main() -> None:
 
     spec = resolve(args.model)
     engines = {
-        slots: LlamaCppEngine(spec, n_ctx=512, n_threads=args.threads, n_slots=slots, prefill_chunk=args.prefill_chunk)
+        slots: LlamaCppEngine(
+            spec, n_ctx=512, n_threads=args.threads, n_slots=slots, prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache
+        )
         for slots in args.slots
     }
     rounds = run_rounds(list(engines.values()), args.clients, args.rounds, args.requests, args.max_tokens)
     widest = engines[max(engines)]
     sizes = sorted({1, *args.clients} & set(range(1, widest.n_slots + 1)))
-    ceilings = [decode_ceiling(widest, sizes) for _ in range(args.rounds)]
+    ceilings = [decode_ceiling(widest, sizes, args.kv_cache) for _ in range(args.rounds)]
     for engine in engines.values():
         engine.close()
 
@@ -183,6 +187,7 @@ def main() -> None:
         "threads": args.threads,
         "max_tokens": args.max_tokens,
         "prefill_chunk": args.prefill_chunk,
+        "kv_cache": args.kv_cache,
         "machine": machine_info(),
         "rounds": args.rounds,
         "note": args.note,
@@ -200,7 +205,7 @@ def markdown(summary: dict[str, Any]) -> str:
     unbatched = {lv["clients"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["slots"] == 1}
     lines = [
         f"`{summary['gguf']}` through `LlamaCppEngine`, {summary['threads']} threads, greedy, {summary['max_tokens']} "
-        f"output tokens per request, on {summary['machine']['cpu']} ({summary['machine']['cores']} cores); "
+        f"output tokens per request, {summary.get('kv_cache', 'f16')} K/V cache, on {summary['machine']['cpu']} ({summary['machine']['cores']} cores); "
         f"fastest of {summary['rounds']} interleaved rounds. 1 slot is the engine before batching (one request at a time).",
         "",
         *([summary["note"], ""] if summary.get("note") else []),

@@ -30,13 +30,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=default_models())
     parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache", default="f16", help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/finqa")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = ServeConfig(models=args.models, n_threads=args.threads, ui=False)
+    config = ServeConfig(models=args.models, n_threads=args.threads, ui=False, kv_cache=args.kv_cache)
     pool = ModelPool([resolve(m) for m in args.models], config, Metrics())
     pool.load()
     results = []
@@ -55,7 +56,8 @@ def main() -> None:
     finally:
         pool.close()
     results = _merge(out / "finqa_accuracy.json", results)
-    summary = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}, "results": results}
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "kv_cache": args.kv_cache}
+    summary = {"machine": machine, "results": results}
     (out / "finqa_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "finqa_accuracy.md").write_text(markdown(results))
 

@@ -5,7 +5,8 @@
 Each setting starts a fresh server (without the UI, except the last row: the defaults as `adaptserve serve` runs
 them), answers one request per model, and reads the kernel's high-water mark of its resident set (VmHWM).
 llama.cpp clears the KV cache it allocates, so every cell counts whether used or not: a model costs n_slots x n_ctx
-cells (about 22.5 KiB each for SmolLM2-135M) on top of its weights and the process.
+cells (for SmolLM2-135M about 22.5 KiB each with the default f16 cache, 12 KiB with `--kv-cache q8_0`) on top of its
+weights and the process.
 Writes `<out>/footprint.json` and `<out>/footprint.md`.
 """
 
@@ -25,18 +26,20 @@ from adaptserve.models import default_models
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_SLOTS
 
 log = logging.getLogger("benchmarks.footprint")
-SETTINGS = [(1, 4096, False), (2, 2048, False), (4, 1024, False), (4, 1536, False), (4, 2048, False), (4, 4096, False)]
-SETTINGS += [(DEFAULT_SLOTS, DEFAULT_CTX, True)]
+# (n_slots, n_ctx, kv_cache, ui)
+SETTINGS = [(1, 4096, "f16", False), (2, 2048, "f16", False), (4, 1024, "f16", False), (4, 1536, "f16", False)]
+SETTINGS += [(4, 2048, "f16", False), (4, 4096, "f16", False), (DEFAULT_SLOTS, DEFAULT_CTX, "f16", True)]
+SETTINGS += [(4, 2048, "q8_0", False), (4, 4096, "q8_0", False), (DEFAULT_SLOTS, DEFAULT_CTX, "q8_0", True)]
 
 
-def measure(slots: int, n_ctx: int, ui: bool, threads: int, log_dir: Path) -> dict[str, float | int | bool]:
+def measure(slots: int, n_ctx: int, kv_cache: str, ui: bool, threads: int, log_dir: Path) -> dict[str, float | int | bool | str]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "adaptserve", "serve", "--port", str(port), "--n-threads", str(threads),
-        "--n-slots", str(slots), "--n-ctx", str(n_ctx), *([] if ui else ["--no-ui"]),
+        "--n-slots", str(slots), "--n-ctx", str(n_ctx), "--kv-cache", kv_cache, *([] if ui else ["--no-ui"]),
     ]  # fmt: skip
     models = default_models()
-    server = launch(cmd, f"http://127.0.0.1:{port}", models[0], log_dir / f"server-{slots}x{n_ctx}.log")
+    server = launch(cmd, f"http://127.0.0.1:{port}", models[0], log_dir / f"server-{slots}x{n_ctx}-{kv_cache}.log")
     try:
         for model in models[1:]:
             body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -44,7 +47,15 @@ def measure(slots: int, n_ctx: int, ui: bool, threads: int, log_dir: Path) -> di
         peak = server.peak_rss_bytes() or 0
     finally:
         server.stop()
-    return {"slots": slots, "n_ctx": n_ctx, "ui": ui, "cells_per_model": slots * n_ctx, "peak_rss_mib": round(peak / 2**20)}
+    cells = slots * n_ctx
+    return {
+        "slots": slots,
+        "n_ctx": n_ctx,
+        "kv_cache": kv_cache,
+        "ui": ui,
+        "cells_per_model": cells,
+        "peak_rss_mib": round(peak / 2**20),
+    }
 
 
 def main() -> None:
@@ -55,16 +66,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="footprint-"))  # server logs, kept out of the results
-    rows = [measure(slots, n_ctx, ui, args.threads, logs) for slots, n_ctx, ui in SETTINGS]
+    rows = [measure(*setting, args.threads, logs) for setting in SETTINGS]
     (args.out / "footprint.json").write_text(json.dumps({"models": default_models(), "rows": rows}, indent=2) + "\n")
     lines = [
         f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())}, after one request each. "
-        f"Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX}, UI on.",
+        f"Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache f16, UI on.",
         "",
-        "| --n-slots | --n-ctx (per slot) | UI | KV cells per model | peak RSS | within 600 MB |",
-        "|---|---|---|---|---|---|",
+        "| --n-slots | --n-ctx (per slot) | --kv-cache | UI | KV cells per model | peak RSS | within 600 MB |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {r['slots']} | {r['n_ctx']} | {'on' if r['ui'] else 'off'} | {r['cells_per_model']} | {r['peak_rss_mib']} MiB | "
+            f"| {r['slots']} | {r['n_ctx']} | {r['kv_cache']} | {'on' if r['ui'] else 'off'} | {r['cells_per_model']} | {r['peak_rss_mib']} MiB | "
             f"{'yes' if r['peak_rss_mib'] * 2**20 <= 600e6 else 'no'} |"
             for r in rows
         ),

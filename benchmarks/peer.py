@@ -72,10 +72,11 @@ def measure(name: str, server: Server, args: argparse.Namespace) -> dict[str, An
         server.stop()
 
 
-def markdown(rows: list[dict[str, Any]], threads: int, peer_interrupts: bool) -> str:
+def markdown(rows: list[dict[str, Any]], threads: int, peer_interrupts: bool, kv_cache: str) -> str:
     ours, peer = rows
     lines = [
-        f"`{MODEL}` (Q4_1 GGUF), {threads} llama.cpp threads, streamed chat, same prompts and load for both. "
+        f"`{MODEL}` (Q4_1 GGUF), {threads} llama.cpp threads, streamed chat, same prompts and load for both; our "
+        f"server with `--kv-cache {kv_cache}`, llama_cpp.server with llama.cpp's f16 cache. "
         f"llama_cpp.server ran with `--interrupt_requests {peer_interrupts}`"
         + (" (its default: a new request cuts the running stream short)." if peer_interrupts else " (requests wait their turn)."),
         "",
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-cache", default="f16", help="our server's --kv-cache (the peer keeps llama.cpp's f16)")
     parser.add_argument(
         "--peer-interrupts", action="store_true", help="keep the peer's default: a new request cuts the running stream short"
     )
@@ -123,11 +125,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [
-        measure("ours", start_server([MODEL], args.threads, args.out / "ours-server.log"), args),
+        measure("ours", start_server([MODEL], args.threads, args.out / "ours-server.log", ["--kv-cache", args.kv_cache]), args),
         measure("llama-cpp-server", start_peer(args.threads, args.out / "llama-cpp-server.log", args.peer_interrupts), args),
     ]
+    rows[0]["kv_cache"] = args.kv_cache
     (args.out / "peer.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "peer.md").write_text(markdown(rows, args.threads, args.peer_interrupts))
+    (args.out / "peer.md").write_text(markdown(rows, args.threads, args.peer_interrupts, args.kv_cache))
     log.info("wrote %s", args.out / "peer.md")
 
 
