@@ -141,6 +141,8 @@ def test_bad_config_and_inputs_fail_clearly(tmp_path: Path) -> None:
         bench(BenchConfig(concurrency=[0], out=str(tmp_path)))
     with pytest.raises(BenchError, match=r"unknown backends \['vllm'\]"):
         bench(BenchConfig(backends=["vllm"], out=str(tmp_path)))
+    with pytest.raises(BenchError, match=r"kv_cache must be one of \['f16', 'q8_0'\], got 'q4'"):
+        bench(BenchConfig(kv_cache="q4", out=str(tmp_path)))
     (tmp_path / "bad.jsonl").write_text('{"text": "no id"}\n')
     with pytest.raises(BenchError, match="expected JSON lines with id and prompt"):
         bench(BenchConfig(prompts=str(tmp_path / "bad.jsonl"), out=str(tmp_path)))

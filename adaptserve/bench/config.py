@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adaptserve.models import default_models
+from adaptserve.serve.kvslots import KV_CACHE_TYPES
 
 LLAMA_CPP = "llama.cpp"
 PRECISION = {"transformers-nf4": "nf4", "transformers-bf16": "bf16", "transformers-fp32": "fp32"}  # -> serve --precision
@@ -50,6 +51,9 @@ class BenchConfig:
     tg: int = field(default=128, metadata={"help": "tokens of the llama-bench style generation test"})
     repeats: int = field(default=3, metadata={"help": "repeats of the pp/tg tests (mean and spread reported)"})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
+    kv_cache: str = field(
+        default="f16", metadata={"help": "K/V cache type (serve --kv-cache) of our llama.cpp server and in-process accuracy"}
+    )
     ppl: str | None = field(
         default=None,
         metadata={"help": "text file for each variant's perplexity, measured as llama-perplexity does (unset: skip)"},
@@ -83,5 +87,7 @@ class BenchConfig:
             errors.append(f"ppl_chunks must be positive, got {self.ppl_chunks}")
         if self.threads is not None and self.threads < 1:
             errors.append(f"threads must be positive, got {self.threads}")
+        if self.kv_cache not in KV_CACHE_TYPES:
+            errors.append(f"kv_cache must be one of {list(KV_CACHE_TYPES)}, got {self.kv_cache!r}")
         if errors:
             raise BenchError("; ".join(errors))

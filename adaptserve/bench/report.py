@@ -19,7 +19,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# adaptserve bench",
         "",
         f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_bytes'] / 2**30:.0f} GiB, GPU: {machine['gpu'] or 'none'}; "
-        f"commit {str(machine['git_commit'])[:10]}.",
+        f"commit {str(machine['git_commit'])[:10]}; llama.cpp K/V cache {results['config'].get('kv_cache', 'f16')}.",
     ]
     if results["accuracy"]:
         lines += [

@@ -75,7 +75,9 @@ def _over_http(
 ) -> None:
     """The prompt set, HTTP / direct (llama.cpp) and the load levels for every model on one backend: `config.url`,
     or a server of our own."""
-    options = [] if backend in (LLAMA_CPP, "url") else ["--backend", "transformers", "--precision", PRECISION[backend]]
+    options = ["--kv-cache", config.kv_cache]
+    if backend not in (LLAMA_CPP, "url"):
+        options = ["--backend", "transformers", "--precision", PRECISION[backend]]
     log_path = out / ("server.log" if backend == LLAMA_CPP else f"server-{backend}.log")
     server = None if config.url else start_server(config.models, config.threads, log_path, options)
     url = config.url or server.url  # type: ignore[union-attr]
@@ -122,7 +124,9 @@ def _finqa_records(config: BenchConfig) -> list[finqa.FinQARecord]:
 def _accuracy(config: BenchConfig, records: list[finqa.FinQARecord], out: Path, backend: str) -> list[dict[str, Any]]:
     # One question at a time, in a window wide enough for every FinQA prompt (2-shot base prompts reach ~2100
     # tokens): accuracy must not depend on the server's slot sizing, which leaves outputs unchanged anyway.
-    serving = ServeConfig(models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX)
+    serving = ServeConfig(
+        models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX, kv_cache=config.kv_cache
+    )
     if backend != LLAMA_CPP:
         serving = dataclasses.replace(serving, backend="transformers", precision=PRECISION[backend])
     pool = ModelPool([resolve(m) for m in config.models], serving, Metrics())
