@@ -52,7 +52,8 @@ class BenchConfig:
     repeats: int = field(default=3, metadata={"help": "repeats of the pp/tg tests (mean and spread reported)"})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
     kv_cache: str = field(
-        default="f16", metadata={"help": "K/V cache type (serve --kv-cache) of our llama.cpp server and in-process accuracy"}
+        default="f16",
+        metadata={"help": "K/V cache type (serve --kv-cache) of our llama.cpp server, and of every in-process run beside it"},
     )
     ppl: str | None = field(
         default=None,

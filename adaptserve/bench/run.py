@@ -160,7 +160,7 @@ def _speed(config: BenchConfig) -> list[Speed]:
     rows = []
     for model in tqdm(config.models, desc="pp/tg", unit="model"):
         path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        speed = llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats)
+        speed = llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats, config.kv_cache)
         rows.append(speed)
         log.info(
             "%s: pp%d %.0f tokens/s, tg%d %.1f tokens/s",
@@ -181,7 +181,8 @@ def _overhead(
     against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
     single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
     path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-    paired = http_vs_direct(url, model, path, config.threads, single_client, config.max_tokens, ServeConfig.n_ctx)
+    n_ctx = ServeConfig.n_ctx
+    paired = http_vs_direct(url, model, path, config.threads, single_client, config.max_tokens, n_ctx, config.kv_cache)
     log.info(
         "%s: HTTP %.1f tokens/s, direct %.1f, ratio %.3f",
         model,

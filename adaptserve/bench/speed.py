@@ -20,6 +20,7 @@ from tqdm import tqdm
 from adaptserve import llama_thread
 from adaptserve.bench.load import Message, percentiles, stream_chat_blocking
 from adaptserve.models import resolve
+from adaptserve.serve.kvslots import kv_cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,11 @@ def served_gguf(model: str, quant: str, threads: int | None) -> Path:
     return ensure_gguf(spec.path, spec.quant or quant, threads)
 
 
-def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3) -> Speed:
-    """pp/tg on random tokens, `repeats` times each."""
-    llm = llama_thread.load(path, threads, n_ctx=pp + tg + 8, n_batch=pp)
+def llama_bench(
+    model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = "f16"
+) -> Speed:
+    """pp/tg on random tokens, `repeats` times each, with the K/V cache the server keeps (as llama-bench's -ctk/-ctv/-fa)."""
+    llm = llama_thread.load(path, threads, n_ctx=pp + tg + 8, n_batch=pp, **kv_cache_kwargs(kv_cache))
     try:
         rng = random.Random(0)  # llama-bench also feeds random tokens: speed does not depend on the text
         prompt = [rng.randrange(llm.n_vocab()) for _ in range(pp)]
@@ -88,11 +91,18 @@ def llama_bench(model: str, path: Path, threads: int | None, pp: int = 512, tg: 
 
 
 def http_vs_direct(
-    url: str, model: str, path: Path, threads: int | None, chats: Sequence[list[Message]], max_tokens: int, n_ctx: int
+    url: str,
+    model: str,
+    path: Path,
+    threads: int | None,
+    chats: Sequence[list[Message]],
+    max_tokens: int,
+    n_ctx: int,
+    kv_cache: str = "f16",
 ) -> Overhead:
-    """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window, then from the server
-    at `url` serving it as `model`. Nothing else may run meanwhile."""
-    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=512)
+    """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window with the server's K/V
+    cache type, then from the server at `url` serving it as `model`. Nothing else may run meanwhile."""
+    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=512, **kv_cache_kwargs(kv_cache))
     try:
         llama_thread.run(_direct_chat, llm, chats[0], max_tokens)  # warm-up, excluded
         pairs = _pairs(llm, url, model, chats, max_tokens)

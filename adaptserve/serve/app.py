@@ -42,7 +42,7 @@ from adaptserve.serve.engine import (
     TimedOut,
 )
 from adaptserve.serve.guard import Guard, env_keys
-from adaptserve.serve.kvslots import kv_cache_type
+from adaptserve.serve.kvslots import kv_cache_kwargs
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
 from adaptserve.serve.schema import (
     AssistantMessage,
@@ -183,7 +183,7 @@ class ModelPool:
     def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
         self.specs, self.config, self.metrics = specs, config, metrics
         self.backend = pick_backend(config.backend)
-        kv_cache_type(config.kv_cache)  # a bad name fails here, before any model loads
+        kv_cache_kwargs(config.kv_cache)  # a bad name fails here, before any model loads
         self.engines: dict[str, LlamaCppEngine | HFEngine] = {}
         self.finqa_styles: dict[str, finqa.PromptStyle] = {}
         self.bases: dict[str, HFBase] = {}  # transformers backend: one loaded base per base location

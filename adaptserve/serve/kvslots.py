@@ -54,11 +54,12 @@ from adaptserve import llama_thread
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
-def kv_cache_type(name: str) -> int:
-    """The ggml type of the KV_CACHE_TYPES entry `name`; ValueError for any other name."""
+def kv_cache_kwargs(name: str) -> dict[str, int | bool]:
+    """llama_cpp.Llama's arguments for the KV_CACHE_TYPES entry `name` (ValueError for any other name): its type for
+    K and V, and flash attention where the cache is quantized, since llama.cpp keeps a quantized V only with it."""
     if name not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHE_TYPES)}, got {name!r}")
-    return KV_CACHE_TYPES[name]
+    return {"type_k": KV_CACHE_TYPES[name], "type_v": KV_CACHE_TYPES[name], "flash_attn": name != "f16"}
 
 
 @dataclass
@@ -103,11 +104,10 @@ class KVSlots:
         params.n_ctx, params.n_seq_max = n_ctx * n_slots, n_slots
         params.n_batch = params.n_ubatch = max_batch  # llama.cpp splits a call by sequence only, never for size
         params.kv_unified = False
-        params.type_k = params.type_v = kv_cache_type(kv_cache)
-        quantized = kv_cache != "f16"  # llama.cpp keeps a quantized V only with flash attention
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if quantized else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cache = kv_cache_kwargs(kv_cache)
+        params.type_k, params.type_v = cache["type_k"], cache["type_v"]
+        flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache["flash_attn"] else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = flash
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
