@@ -42,8 +42,9 @@ def start_peer(threads: int, log_path: Path, interrupt: bool) -> Server:
     return launch(cmd, f"http://127.0.0.1:{port}", MODEL, log_path)
 
 
-def measure(name: str, server: Server, args: argparse.Namespace) -> dict[str, Any]:
-    """The bench load against `server`, its malformed-JSON status, cold start and peak RSS; stops the server."""
+def measure(name: str, server: Server, args: argparse.Namespace, kv_cache: str) -> dict[str, Any]:
+    """The bench load against `server`, its malformed-JSON status, cold start and peak RSS; stops the server.
+    `kv_cache` is the server's K/V cache type, which the direct side of HTTP / direct decodes with too."""
     try:
         config = BenchConfig(
             models=[MODEL],
@@ -54,6 +55,7 @@ def measure(name: str, server: Server, args: argparse.Namespace) -> dict[str, An
             max_tokens=args.max_tokens,
             threads=args.threads,
             repeats=args.repeats,
+            kv_cache=kv_cache,
             out=str(args.out / name),
         )
         results = bench(config)
@@ -125,8 +127,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [
-        measure("ours", start_server([MODEL], args.threads, args.out / "ours-server.log", ["--kv-cache", args.kv_cache]), args),
-        measure("llama-cpp-server", start_peer(args.threads, args.out / "llama-cpp-server.log", args.peer_interrupts), args),
+        measure(
+            "ours",
+            start_server([MODEL], args.threads, args.out / "ours-server.log", ["--kv-cache", args.kv_cache]),
+            args,
+            args.kv_cache,
+        ),
+        measure(
+            "llama-cpp-server", start_peer(args.threads, args.out / "llama-cpp-server.log", args.peer_interrupts), args, "f16"
+        ),
     ]
     rows[0]["kv_cache"] = args.kv_cache
     (args.out / "peer.json").write_text(json.dumps(rows, indent=2) + "\n")
