@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from adaptserve import llama_thread
 from adaptserve.bench.config import BenchError
+from adaptserve.serve.kvslots import kv_cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,10 @@ def estimate(nll: np.ndarray) -> tuple[float, float]:
     return ppl, ppl * math.sqrt(max(variance, 0.0) / (len(nll) - 1))  # variance < 0 only by rounding
 
 
-def perplexity(model: str, path: Path, text: bytes, n_ctx: int, threads: int | None, max_chunks: int | None = None) -> Perplexity:
-    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=n_ctx)
+def perplexity(
+    model: str, path: Path, text: bytes, n_ctx: int, threads: int | None, max_chunks: int | None = None, kv_cache: str = "f16"
+) -> Perplexity:
+    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=n_ctx, **kv_cache_kwargs(kv_cache))
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
     try:
         tokens = llm.tokenize(text, add_bos=True, special=False)  # = llama.cpp's common_tokenize(ctx, text, true)

@@ -151,7 +151,7 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
     rows = []
     for model in config.models:
         path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        rows.append(perplexity(model, path, text, config.ppl_ctx, config.threads, config.ppl_chunks))
+        rows.append(perplexity(model, path, text, config.ppl_ctx, config.threads, config.ppl_chunks, config.kv_cache))
         log.info("%s: PPL = %.4f +/- %.5f over %d tokens", model, rows[-1].ppl, rows[-1].error, rows[-1].tokens_scored)
     return rows
 
