@@ -91,7 +91,7 @@ class ServeConfig:
         default="f16",
         metadata={
             "help": "how the llama.cpp backend stores each slot's K/V: f16, or q8_0 at half the memory (both models' "
-            "caches 360 -> 190 MiB at the default slots) for ~35%% slower prompt processing"
+            "caches 360 -> 190 MiB at the default slots) for ~28%% slower prompt processing"
         },
     )
     ui: bool = True

@@ -8,8 +8,9 @@ sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
   attention sums run in another order, and 3 of the 9 greedy outputs changed.
 - Flash attention off for the default f16 cache: with it, a sequence's logits changed (by up to 1.2) whenever
   another sequence decoded in the same step, and with the chunking of its own prompt (up to 0.6). Without it both
-  were bit-identical. It costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8 sequences 26% faster; but an
-  engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median 154 vs 157; stop 15).
+  were bit-identical. It costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8
+  sequences 26% faster; but an engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median
+  154 vs 157; stop 15).
 - K/V stored as f16 by default; `kv_cache="q8_0"` stores both at 8 bits, halving the cache (180 -> 96 MiB a model
   at 4 slots x 2048). llama.cpp quantizes V only with flash attention, and it is allowed here because with a
   quantized cache the CPU flash-attention kernel takes neither of the paths that broke batch invariance above (the
