@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import psutil
 
 from adaptserve import llama_thread
 from adaptserve.bench.run import machine_info
-from adaptserve.models import default_models, resolve
+from adaptserve.bench.speed import served_gguf
+from adaptserve.models import default_models
+from adaptserve.serve.app import ServeConfig
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS
 from adaptserve.serve.kvslots import KV_CACHE_TYPES, Feed, KVSlots
 
@@ -36,22 +39,11 @@ log = logging.getLogger("benchmarks.kv_cache")
 TEXT = b"Net revenue rose from $ 5,735 million in 2014 to $ 5,829 million in 2015, while operating costs fell 12%. "
 
 
-def served_gguf(name: str) -> Path:
-    """The GGUF `adaptserve serve` decodes `name` from: an adapter's cached q4_k_m export, or the model's own."""
-    spec = resolve(name)
-    if spec.format != "adapter":
-        return spec.path
-    from adaptserve.export import ensure_gguf
-
-    return ensure_gguf(spec.path, spec.quant or "q4_k_m")
-
-
-def measure(llm: Any, kv_cache: str, slots: int, n_ctx: int, prompt_tokens: int, steps: int) -> dict[str, float]:
+def measure(llm: llama_cpp.Llama, kv_cache: str, slots: int, n_ctx: int, long_prompt: list[int], steps: int) -> dict[str, float]:
     rss = psutil.Process().memory_info().rss
     kv = KVSlots(llm, slots, n_ctx, max_batch=max(DEFAULT_PREFILL_CHUNK, slots), kv_cache=kv_cache)
     result = {"context_mib": (psutil.Process().memory_info().rss - rss) / 2**20}
     try:
-        long_prompt = llm.tokenize(TEXT * (prompt_tokens // 20 + 1))[:prompt_tokens]
         for context, prompt in (("short", long_prompt[:64]), ("long", long_prompt)):
             for slot in kv.slots:
                 kv.reset(slot)
@@ -86,11 +78,12 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        llm = llama_thread.load(served_gguf(name), args.threads, n_ctx=256)
+        llm = llama_thread.load(served_gguf(name, ServeConfig.adapter_quant, args.threads), args.threads, n_ctx=256)
+        long_prompt = llm.tokenize(TEXT * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
         runs: dict[str, list[dict[str, float]]] = {kv: [] for kv in KV_CACHE_TYPES}
         for _ in range(args.rounds):
             for kv_cache, measured in runs.items():
-                measured.append(measure(llm, kv_cache, args.slots, args.n_ctx, args.prompt_tokens, args.steps))
+                measured.append(measure(llm, kv_cache, args.slots, args.n_ctx, long_prompt, args.steps))
                 log.info("%s %s %s", name, kv_cache, {k: round(v, 1) for k, v in measured[-1].items()})
         llm.close()
         for kv_cache, measured in runs.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adaptserve.models import default_models
-from adaptserve.serve.kvslots import KV_CACHE_TYPES
+from adaptserve.serve.kvslots import kv_cache_kwargs
 
 LLAMA_CPP = "llama.cpp"
 PRECISION = {"transformers-nf4": "nf4", "transformers-bf16": "bf16", "transformers-fp32": "fp32"}  # -> serve --precision
@@ -88,7 +88,9 @@ class BenchConfig:
             errors.append(f"ppl_chunks must be positive, got {self.ppl_chunks}")
         if self.threads is not None and self.threads < 1:
             errors.append(f"threads must be positive, got {self.threads}")
-        if self.kv_cache not in KV_CACHE_TYPES:
-            errors.append(f"kv_cache must be one of {list(KV_CACHE_TYPES)}, got {self.kv_cache!r}")
+        try:
+            kv_cache_kwargs(self.kv_cache)
+        except ValueError as err:
+            errors.append(str(err))
         if errors:
             raise BenchError("; ".join(errors))

@@ -75,8 +75,9 @@ def _over_http(
 ) -> None:
     """The prompt set, HTTP / direct (llama.cpp) and the load levels for every model on one backend: `config.url`,
     or a server of our own."""
-    options = ["--kv-cache", config.kv_cache]
-    if backend not in (LLAMA_CPP, "url"):
+    if backend in (LLAMA_CPP, "url"):
+        options = ["--kv-cache", config.kv_cache]
+    else:
         options = ["--backend", "transformers", "--precision", PRECISION[backend]]
     log_path = out / ("server.log" if backend == LLAMA_CPP else f"server-{backend}.log")
     server = None if config.url else start_server(config.models, config.threads, log_path, options)
