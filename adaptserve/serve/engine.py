@@ -502,20 +502,17 @@ class LlamaCppEngine:
         return _Sequence(job, slot, sampler, limit, job.prompt[cached:], StopMatcher(job.params.stop), dequeued)
 
     def _step(self, running: list[_Sequence]) -> None:
-        """Each running sequence's next token, in one llama_decode, then up to `prefill_chunk` prompt tokens.
+        """Up to `prefill_chunk` prompt tokens, then each running sequence's next token in one llama_decode.
 
         Prompts advance by whole chunks of their grid (positions cut at multiples of `prefill_chunk`; see
         kvslots.py), the earliest admitted first, each chunk in a llama_decode of its own: in the same call as other
         sequences' tokens, llama.cpp's micro-batching took one of its tokens in with theirs, decoded like a lone token.
+        Prefill goes first so that a prompt finished in this step joins the decode in it: its slot idles one step
+        less (an idle slot is a placeholder row or a second pass; see KVSlots.decode).
         """
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1
             self._finish(running, seq, "cancelled")
-        decoding = [s for s in running if not s.pending]  # KVSlots.decode puts them in slot order, gaps filled
-        if decoding:
-            rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
-            for seq, row in zip(decoding, rows, strict=True):
-                self._advance(running, seq, self.slots.sample(seq.sampler, row))
         budget = self.prefill_chunk
         for seq in [s for s in running if s.pending]:
             take = min(self.prefill_chunk - len(seq.slot.cached) % self.prefill_chunk, len(seq.pending))
@@ -525,6 +522,11 @@ class LlamaCppEngine:
             budget -= take
             (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending)])
             if row >= 0:
+                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+        decoding = [s for s in running if not s.pending]  # KVSlots.decode puts them in slot order, gaps filled
+        if decoding:
+            rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
+            for seq, row in zip(decoding, rows, strict=True):
                 self._advance(running, seq, self.slots.sample(seq.sampler, row))
 
     def _advance(self, running: list[_Sequence], seq: _Sequence, token: int) -> None:
