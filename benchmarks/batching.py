@@ -29,7 +29,7 @@ from typing import Any
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
 from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, LlamaCppEngine, SamplingParams, TextDelta
-from adaptserve.serve.kvslots import Feed, KVSlots
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots
 
 log = logging.getLogger("benchmarks.batching")
 DISTURBED_CORES = 0.1  # CPU used by other processes during a level, above which its timing is suspect
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--kv-cache", default="f16", help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
+    parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/batching")
     parser.add_argument("--note", default="", help="what else was going on, for the report")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from adaptserve import finqa
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.models import default_models, resolve
 from adaptserve.serve.app import ModelPool, ServeConfig
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
 from adaptserve.serve.metrics import Metrics
 
 log = logging.getLogger("benchmarks.finqa_accuracy")
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=default_models())
     parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--kv-cache", default="f16", help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
+    parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/finqa")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,7 +5,7 @@
 Each setting starts a fresh server (without the UI, except the last row: the defaults as `adaptserve serve` runs
 them), answers one request per model, and reads the kernel's high-water mark of its resident set (VmHWM).
 llama.cpp clears the KV cache it allocates, so every cell counts whether used or not: a model costs n_slots x n_ctx
-cells (for SmolLM2-135M about 22.5 KiB each with the default f16 cache, 12 KiB with `--kv-cache q8_0`) on top of its
+cells (for SmolLM2-135M about 12 KiB each with the default q8_0 cache, 22.5 KiB with `--kv-cache f16`) on top of its
 weights and the process.
 Writes `<out>/footprint.json` and `<out>/footprint.md`.
 """
@@ -24,6 +24,7 @@ import httpx
 from adaptserve.bench.load import free_port, launch
 from adaptserve.models import default_models
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_SLOTS
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
 
 log = logging.getLogger("benchmarks.footprint")
 # (n_slots, n_ctx, kv_cache, ui)
@@ -70,7 +71,7 @@ def main() -> None:
     (args.out / "footprint.json").write_text(json.dumps({"models": default_models(), "rows": rows}, indent=2) + "\n")
     lines = [
         f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())}, after one request each. "
-        f"Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache f16, UI on.",
+        f"Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache {DEFAULT_KV_CACHE}, UI on.",
         "",
         "| --n-slots | --n-ctx (per slot) | --kv-cache | UI | KV cells per model | peak RSS | within 600 MB |",
         "|---|---|---|---|---|---|---|",

@@ -24,6 +24,7 @@ import httpx
 from adaptserve.bench import BenchConfig, bench
 from adaptserve.bench.load import Server, free_port, launch, start_server
 from adaptserve.models import resolve
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
 
 log = logging.getLogger("benchmarks.peer")
 MODEL = "smollm2-135m"
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kv-cache", default="f16", help="our server's --kv-cache (the peer keeps llama.cpp's f16)")
+    parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="our server's --kv-cache (the peer keeps llama.cpp's f16)")
     parser.add_argument(
         "--peer-interrupts", action="store_true", help="keep the peer's default: a new request cuts the running stream short"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adaptserve.models import default_models
-from adaptserve.serve.kvslots import kv_cache_kwargs
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
 LLAMA_CPP = "llama.cpp"
 PRECISION = {"transformers-nf4": "nf4", "transformers-bf16": "bf16", "transformers-fp32": "fp32"}  # -> serve --precision
@@ -52,7 +52,7 @@ class BenchConfig:
     repeats: int = field(default=3, metadata={"help": "repeats of the pp/tg tests (mean and spread reported)"})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads, for our server and in-process runs"})
     kv_cache: str = field(
-        default="f16",
+        default=DEFAULT_KV_CACHE,
         metadata={"help": "K/V cache type (serve --kv-cache) of our llama.cpp server, and of every in-process run beside it"},
     )
     ppl: str | None = field(

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adaptserve import llama_thread
 from adaptserve.bench.config import BenchError
-from adaptserve.serve.kvslots import kv_cache_kwargs
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,13 @@ def estimate(nll: np.ndarray) -> tuple[float, float]:
 
 
 def perplexity(
-    model: str, path: Path, text: bytes, n_ctx: int, threads: int | None, max_chunks: int | None = None, kv_cache: str = "f16"
+    model: str,
+    path: Path,
+    text: bytes,
+    n_ctx: int,
+    threads: int | None,
+    max_chunks: int | None = None,
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> Perplexity:
     llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=n_ctx, **kv_cache_kwargs(kv_cache))
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)

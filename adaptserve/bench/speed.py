@@ -20,7 +20,7 @@ from tqdm import tqdm
 from adaptserve import llama_thread
 from adaptserve.bench.load import Message, percentiles, stream_chat_blocking
 from adaptserve.models import resolve
-from adaptserve.serve.kvslots import kv_cache_kwargs
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def served_gguf(model: str, quant: str, threads: int | None) -> Path:
 
 
 def llama_bench(
-    model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = "f16"
+    model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = DEFAULT_KV_CACHE
 ) -> Speed:
     """pp/tg on random tokens, `repeats` times each, with the K/V cache the server keeps (as llama-bench's -ctk/-ctv/-fa)."""
     llm = llama_thread.load(path, threads, n_ctx=pp + tg + 8, n_batch=pp, **kv_cache_kwargs(kv_cache))
@@ -98,7 +98,7 @@ def http_vs_direct(
     chats: Sequence[list[Message]],
     max_tokens: int,
     n_ctx: int,
-    kv_cache: str = "f16",
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> Overhead:
     """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window with the server's K/V
     cache type, then from the server at `url` serving it as `model`. Nothing else may run meanwhile."""

@@ -28,14 +28,14 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from adaptserve import llama_thread
 from adaptserve.models import ModelSpec
-from adaptserve.serve.kvslots import Feed, KVSlots, Slot, common_prefix
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
 
 log = logging.getLogger(__name__)
 
 # Measured on 2 cores (benchmarks/results/batching): aggregate decode throughput stops growing at about 4
 # sequences (4 slots: 1.55x one client at 4-8 clients; 2 slots: 1.22x), while each slot holds n_ctx tokens of KV,
-# about 22.5 KiB per token for SmolLM2-135M. 2048 tokens a slot fits every FinQA prompt but one 2-shot base prompt
-# and serves base + adapted in 730 MiB (benchmarks/results/footprint). Prefill runs as fast in chunks of 64 as in
+# about 12 KiB per token for SmolLM2-135M in the default 8-bit cache. 2048 tokens a slot fits every FinQA prompt but
+# one 2-shot base prompt and serves base + adapted in 558 MiB (730 with an f16 cache; benchmarks/results/footprint). Prefill runs as fast in chunks of 64 as in
 # larger ones, and a smaller chunk stalls the running streams less while a long prompt goes in.
 DEFAULT_SLOTS = 4
 DEFAULT_CTX = 2048
@@ -308,7 +308,7 @@ class LlamaCppEngine:
         queue_size: int = 64,
         n_slots: int = DEFAULT_SLOTS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        kv_cache: str = "f16",
+        kv_cache: str = DEFAULT_KV_CACHE,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")

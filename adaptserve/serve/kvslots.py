@@ -6,18 +6,21 @@ sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
 
 - One KV stream per slot (`kv_unified=False`): with one unified cache the sequences' cells interleave, the
   attention sums run in another order, and 3 of the 9 greedy outputs changed.
-- Flash attention off for the default f16 cache: with it, a sequence's logits changed (by up to 1.2) whenever
-  another sequence decoded in the same step, and with the chunking of its own prompt (up to 0.6). Without it both
-  were bit-identical. It costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8
-  sequences 26% faster; but an engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median
-  154 vs 157; stop 15).
-- K/V stored as f16 by default; `kv_cache="q8_0"` stores both at 8 bits, halving the cache (180 -> 96 MiB a model
-  at 4 slots x 2048). llama.cpp quantizes V only with flash attention, and it is allowed here because with a
-  quantized cache the CPU flash-attention kernel takes neither of the paths that broke batch invariance above (the
-  KV-split one for a single query row, the tiled one for long chunks, both f16/f32 only): every query row goes
-  through the same per-row loop, and the invariance tests pass bit for bit. The price is that loop on prompts:
-  ~28% slower prompt processing (1024 tokens in 64-token chunks on 2 cores: 188 vs 261 tokens/s on the adapter's
-  q4_k_m); decoding after short prompts is 5-20% faster, after 1024-token ones within 5% (benchmarks/kv_cache.py).
+- Flash attention off for an f16 cache: with it, a sequence's logits changed (by up to 1.2) whenever another
+  sequence decoded in the same step, and with the chunking of its own prompt (up to 0.6). Without it both were
+  bit-identical. It costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8 sequences
+  26% faster; but an engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median 154 vs
+  157; stop 15).
+- K/V stored at 8 bits by default (`DEFAULT_KV_CACHE`, q8_0), half of f16 (180 -> 96 MiB a model at 4 slots x
+  2048). llama.cpp quantizes V only with flash attention, and it is allowed here because with a quantized cache the
+  CPU flash-attention kernel takes neither of the paths that broke batch invariance above (the KV-split one for a
+  single query row, the tiled one for long chunks, both f16/f32 only): every query row goes through the same
+  per-row loop, and the invariance tests pass bit for bit. The price is that loop on prompts: ~28% slower prompt
+  processing than f16 (1024 tokens in 64-token chunks on 2 cores: 188 vs 261 tokens/s on the adapter's q4_k_m);
+  decoding after short prompts is 5-20% faster, after 1024-token ones within 5% (benchmarks/kv_cache.py), and 8
+  clients get 13-28% more tokens/s (benchmarks/results/batching). The default is 8-bit because it is what lets
+  base + adapted serve in under 600 MB with 4 slots of 2048 tokens each; `kv_cache="f16"` trades that memory for
+  faster prompts.
 - Prompt tokens in the same calls whatever the cache or the neighbours: a token's K/V depends on how many tokens
   of its sequence share its call (q4_k_m adapter: the tail of a 584-token prompt in a call of 2-5 tokens gave
   logits 1.02 away from the same tokens in a call of 8 or more; on the base's Q4_1, one token alone already
@@ -53,6 +56,7 @@ from adaptserve import llama_thread
 
 # K/V storage types a KVSlots takes: llama.cpp's own default, and 8-bit at half its size (see the module docstring).
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+DEFAULT_KV_CACHE = "q8_0"
 
 
 def kv_cache_kwargs(name: str) -> dict[str, int | bool]:
@@ -97,7 +101,7 @@ class KVSlots:
     """`n_slots` sequences of up to `n_ctx` tokens each, `max_batch` tokens per llama_decode at most, their K/V
     stored as `kv_cache` (a key of KV_CACHE_TYPES)."""
 
-    def __init__(self, llm: llama_cpp.Llama, n_slots: int, n_ctx: int, max_batch: int, kv_cache: str = "f16") -> None:
+    def __init__(self, llm: llama_cpp.Llama, n_slots: int, n_ctx: int, max_batch: int, kv_cache: str = DEFAULT_KV_CACHE) -> None:
         if not 1 <= n_slots <= llama_cpp.llama_max_parallel_sequences():
             raise ValueError(f"n_slots must be between 1 and {llama_cpp.llama_max_parallel_sequences()}")
         # Start from the Llama's own settings (threads, RoPE) and change only what batching needs.
