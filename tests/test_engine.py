@@ -117,6 +117,7 @@ N_SLOTS = 8
 @pytest.fixture(scope="module")
 def batched() -> Iterator[LlamaCppEngine]:
     # A small prefill chunk, so long prompts take several steps beside running streams (and copies pay off early).
+    # The default K/V cache (8-bit); the adapter fixtures below run both cache types.
     eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32)
     yield eng
     eng.close()
@@ -131,7 +132,8 @@ def _adapter_engine(kv_cache: str) -> LlamaCppEngine:
 
 @pytest.fixture(scope="module")
 def adapter_batched() -> Iterator[LlamaCppEngine]:
-    """The served adapter's q4_k_m: K-quant weights, the kernels the base's Q4_1 never meets."""
+    """The served adapter's q4_k_m (K-quant weights, the kernels the base's Q4_1 never meets), with an f16 K/V cache:
+    attention by matrix products, flash attention off."""
     eng = _adapter_engine("f16")
     yield eng
     eng.close()
@@ -139,7 +141,7 @@ def adapter_batched() -> Iterator[LlamaCppEngine]:
 
 @pytest.fixture(scope="module")
 def adapter_batched_q8_cache() -> Iterator[LlamaCppEngine]:
-    """The same with an 8-bit K/V cache, which computes attention with llama.cpp's flash-attention kernel."""
+    """The same with the default 8-bit K/V cache, which computes attention with llama.cpp's flash-attention kernel."""
     eng = _adapter_engine("q8_0")
     yield eng
     eng.close()
