@@ -19,6 +19,7 @@ from adaptserve.bench.overlap import corpus_bleu, scores
 from adaptserve.bench.perplexity import chunks
 from adaptserve.bench.prompts import Answer, summarize
 from adaptserve.bench.speed import served_gguf
+from adaptserve.serve.kvslots import kv_cache_kwargs
 
 # 163 SmolLM2 tokens: two 64-token chunks and a partial one that llama-perplexity drops
 TEXT = (
@@ -156,12 +157,20 @@ def test_bad_config_and_inputs_fail_clearly(tmp_path: Path) -> None:
     assert "ppl_ctx must be at least 3" in run.stderr
 
 
-def direct_perplexity(gguf: Path, text: str, n_ctx: int) -> tuple[float, float, int]:
+def direct_perplexity(gguf: Path, text: str, n_ctx: int, kv_cache: str) -> tuple[float, float, int]:
     """llama-perplexity's numbers the plain way, independent of adaptserve.bench.perplexity: each whole chunk through
-    Llama.eval with the logits of every position kept, each scored token's log-probability from its own log-sum-exp,
-    the uncertainty from numpy's population standard deviation: exp(mean) +/- exp(mean) * std / sqrt(n - 1)."""
+    Llama.eval with the logits of every position kept (K/V stored as `kv_cache`), each scored token's log-probability
+    from its own log-sum-exp, the uncertainty from numpy's population standard deviation:
+    exp(mean) +/- exp(mean) * std / sqrt(n - 1)."""
     llm = llama_cpp.Llama(
-        model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False
+        model_path=str(gguf),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=1,
+        n_threads_batch=1,
+        logits_all=True,
+        verbose=False,
+        **kv_cache_kwargs(kv_cache),
     )
     tokens = llm.tokenize(text.encode(), add_bos=True)
     nll = []
@@ -186,7 +195,7 @@ def test_perplexity_is_llama_perplexity(results: tuple[dict, Path]) -> None:
     for row in rows.values():
         assert (row["chunks"], row["n_ctx"], row["tokens_scored"]) == (2, 64, 2 * 31)  # 64 - 64/2 - 1 scored per chunk
         assert 1 < row["ppl"] < math.inf and 0 < row["error"] < row["ppl"] and row["seconds"] > 0
-    ppl, error, count = direct_perplexity(served_gguf("smollm2-135m", "q4_k_m", 1), TEXT, 64)
+    ppl, error, count = direct_perplexity(served_gguf("smollm2-135m", "q4_k_m", 1), TEXT, 64, data["config"]["kv_cache"])
     assert count == rows["smollm2-135m"]["tokens_scored"]
     assert rows["smollm2-135m"]["ppl"] == pytest.approx(ppl, abs=1e-4)  # results keep llama.cpp's 4 and 5 decimals
     assert rows["smollm2-135m"]["error"] == pytest.approx(error, abs=1e-5)
