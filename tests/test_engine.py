@@ -16,7 +16,7 @@ from adaptserve import llama_thread
 from adaptserve.export import ensure_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
-from adaptserve.serve.kvslots import Feed, KVSlots
+from adaptserve.serve.kvslots import Feed, KVSlots, common_prefix
 from adaptserve.serve.metrics import Metrics
 
 
@@ -229,11 +229,13 @@ def test_batched_output_matches_running_alone(engine: str, request: pytest.Fixtu
 
 
 def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
-    batched: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+    adapter_batched: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A token's K/V depends on how many tokens of its sequence share its call (kvslots.py): every prompt chunk
-    must sit in one cell of the grid cut at multiples of prefill_chunk, beside other prompts, after a copy, and
-    after a full or partial cache hit."""
+    """With the f16 cache a token's K/V depends on how many tokens of its sequence share its call (kvslots.py):
+    every prompt chunk must sit in one cell of the grid cut at multiples of prefill_chunk, beside other prompts,
+    after a copy, and after a full or partial cache hit."""
+    batched = adapter_batched
+    assert not batched.slots.cut_anywhere
     chunks: list[tuple[int, int]] = []  # (position of the first token, tokens) of each multi-token feed
     decode = batched.slots.decode
 
@@ -252,6 +254,40 @@ def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
     asyncio.run(together())  # every prompt cached now
     size = batched.prefill_chunk
     assert chunks and all(start % size == 0 and n <= size for start, n in chunks), chunks
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "smollm2-135m-finqa"])
+def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(model: str) -> None:
+    """What lets the 8-bit cache reuse a prefix of any length (kvslots.py): a 200-token prompt decoded in 64-token
+    calls, and cut after 1, 30 or 63 tokens, or with one-token calls in it, gives bit-identical logits and the same
+    greedy continuation (with an f16 cache the one-token calls moved the logits by up to 1.06)."""
+    path = resolve(model).path if model == "smollm2-135m" else ensure_gguf(resolve(model).path, "q4_k_m")
+    llm = llama_thread.load(path, 2, n_ctx=64)
+    slots = KVSlots(llm, 1, n_ctx=512, max_batch=64, kv_cache="q8_0")
+    prompt = llm.tokenize(b"Net revenue was $5,829 million in 2015 against $5,735 million in 2014. " * 12)[:200]
+    (slot,) = slots.slots
+
+    def run(cuts: list[int]) -> tuple[list[float], list[int]]:
+        slots.reset(slot)
+        start, row = 0, -1
+        for end in [*cuts, len(prompt)]:
+            for at in range(start, end, 64):
+                (row,) = slots.decode([Feed(slot, prompt[at : min(at + 64, end)], logits=min(at + 64, end) == len(prompt))])
+            start = end
+        logits = llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[: llm.n_vocab()]
+        tokens = [slots.sample(None, row)]
+        for _ in range(8):
+            (row,) = slots.decode([Feed(slot, tokens[-1:], logits=True)])
+            tokens.append(slots.sample(None, row))
+        return logits, tokens
+
+    try:
+        whole = run([])
+        for cuts in ([1], [30], [63, 127], [5, 6, 7, 8], [100, 101]):
+            assert run(cuts) == whole, cuts
+    finally:
+        slots.close()
+        llm.close()
 
 
 @pytest.mark.parametrize("kv_cache", ["f16", "q8_0"])
@@ -383,6 +419,23 @@ def test_repeated_system_prompt_hits_the_prefix_cache(batched: LlamaCppEngine) -
         line for line in metrics.render().decode().splitlines() if line.startswith("adaptserve_engine_prefix_cache_hit_ratio{")
     )
     assert 0 < float(ratio.rsplit(" ", 1)[1]) < 1
+
+
+def test_an_8bit_cache_reuses_a_prefix_of_any_length(batched: LlamaCppEngine) -> None:
+    """So a hit is not rounded down to the prefill grid: a second question on the same system prompt reuses every
+    token the two prompts share, where the f16 cache would round that down to a multiple of prefill_chunk."""
+    assert batched.slots.cut_anywhere
+    system = new_system_prompt()
+    while True:
+        first, second = chat(batched, "What was revenue?", system), chat(batched, "What were costs?", system)
+        if (shared := common_prefix(first, second)) % batched.prefill_chunk:
+            break
+        system += " Thanks."  # the shared part happens to end on the grid: move it off
+    asyncio.run(batched.complete(first, GREEDY))
+    warm, _ = cached_during(batched, lambda: asyncio.run(batched.complete(second, GREEDY)))
+    assert warm == shared
+    wait_idle(batched)
+    assert_kv_matches_slots(batched)
 
 
 @pytest.mark.parametrize("round_", range(3))  # several rounds: each starts from what the last left in the slots

@@ -504,9 +504,11 @@ class LlamaCppEngine:
     def _step(self, running: list[_Sequence]) -> None:
         """Up to `prefill_chunk` prompt tokens, then each running sequence's next token in one llama_decode.
 
-        Prompts advance by whole chunks of their grid (positions cut at multiples of `prefill_chunk`; see
-        kvslots.py), the earliest admitted first, each chunk in a llama_decode of its own: in the same call as other
-        sequences' tokens, llama.cpp's micro-batching took one of its tokens in with theirs, decoded like a lone token.
+        Prompts advance by chunks of their grid (positions cut at multiples of `prefill_chunk`, as the f16 cache
+        needs; with the 8-bit cache a prefix hit may end between two cuts, and the first chunk runs up to the next;
+        see kvslots.py), the earliest admitted first, each chunk in a llama_decode of its own: in the same call as
+        other sequences' tokens, llama.cpp's micro-batching took one of its tokens in with theirs, decoded like a
+        lone token.
         Prefill goes first so that a prompt finished in this step joins the decode in it: its slot idles one step
         less (an idle slot is a placeholder row or a second pass; see KVSlots.decode).
         """

@@ -21,13 +21,16 @@ sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
   clients get 13-28% more tokens/s (benchmarks/results/batching). The default is 8-bit because it is what lets
   base + adapted serve in under 600 MB with 4 slots of 2048 tokens each; `kv_cache="f16"` trades that memory for
   faster prompts.
-- Prompt tokens in the same calls whatever the cache or the neighbours: a token's K/V depends on how many tokens
-  of its sequence share its call (q4_k_m adapter: the tail of a 584-token prompt in a call of 2-5 tokens gave
-  logits 1.02 away from the same tokens in a call of 8 or more; on the base's Q4_1, one token alone already
-  differed from two). So a prompt is always cut on one grid, at multiples of `align` (the engine's prefill
-  chunk), counted from its first token: a cached or copied prefix is reused only down to a multiple of it, and
-  the engine decodes whole grid chunks. A finished request keeps only its prompt's cells for reuse; its reply's
-  cells are freed at once.
+- With the f16 cache, prompt tokens in the same calls whatever the neighbours: there a token's K/V depends on how
+  many tokens of its sequence share its call (q4_k_m adapter: the tail of a 584-token prompt in a call of 2-5
+  tokens gave logits 1.02 away from the same tokens in a call of 8 or more; a 200-token prompt with one-token calls
+  in it, up to 1.06 on the adapter and 0.52 on the base's Q4_1). So a prompt is cut on one grid, at multiples of
+  `align` (the engine's prefill chunk), counted from its first token: a cached or copied prefix is reused only
+  down to a multiple of it, and the engine decodes whole grid chunks. With the 8-bit cache attention runs the
+  per-row loop whatever the call holds, and the same 200-token prompt cut anywhere (after 1, 2, 30, 63, 65 tokens,
+  in one-token calls, ...) gave bit-identical logits on both models, so there a prefix is reused at any length
+  (`cut_anywhere`): a 30-token system prompt counts. A finished request keeps only its prompt's cells for reuse;
+  its reply's cells are freed at once.
 - Weights as the GGUF stores them, multiplied by one kernel whatever the row count (`llama_thread.load`):
   llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights compute a row differently once four rows share a call (the
   merged adapter's q4_k_m logits moved by up to 0.42), and its tiled K-quant kernel, taken from eight rows on, does
@@ -113,6 +116,7 @@ class KVSlots:
         params.type_k, params.type_v = cache["type_k"], cache["type_v"]
         flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache["flash_attn"] else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.flash_attn_type = flash
+        self.cut_anywhere = kv_cache != "f16"  # a prompt's K/V is the same however its calls cut it (module docstring)
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
@@ -132,8 +136,8 @@ class KVSlots:
 
     def acquire(self, prompt: Sequence[int], align: int) -> tuple[Slot, int]:
         """A free slot whose stream already holds the longest prefix of `prompt` we can give it, and that length:
-        a multiple of `align` below len(prompt), so that the rest is cut as it would be from an empty slot and the
-        last token is decoded again (its logits start the reply).
+        below len(prompt), so that the last token is decoded again (its logits start the reply), and a multiple of
+        `align` unless the cache is `cut_anywhere`, so that the rest is cut as it would be from an empty slot.
 
         llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
         time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
@@ -145,7 +149,8 @@ class KVSlots:
         if (shared := donor.prefix(prompt)) >= keep + align:
             llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached, keep = list(donor.cached), shared
-        keep = min(keep, len(prompt) - 1) // align * align
+        keep = min(keep, len(prompt) - 1)
+        keep -= 0 if self.cut_anywhere else keep % align
         self._truncate(slot, keep)
         slot.busy, slot.reusable = True, len(prompt) if len(prompt) > 1 else 0
         self.prompt_tokens += len(prompt)
