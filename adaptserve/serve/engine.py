@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # Measured on 2 cores (benchmarks/results/batching): aggregate decode throughput stops growing at about 4
 # sequences (4 slots: 1.55x one client at 4-8 clients; 2 slots: 1.22x), while each slot holds n_ctx tokens of KV,
 # about 12 KiB per token for SmolLM2-135M in the default 8-bit cache. 2048 tokens a slot fits every FinQA prompt but
-# one 2-shot base prompt and serves base + adapted in 558 MiB (730 with an f16 cache; benchmarks/results/footprint). Prefill runs as fast in chunks of 64 as in
-# larger ones, and a smaller chunk stalls the running streams less while a long prompt goes in.
+# one 2-shot base prompt and serves base + adapted in 558 MiB (730 with an f16 cache; benchmarks/results/footprint).
+# Prefill runs as fast in chunks of 64 as in larger ones, and a smaller chunk stalls the running streams less while
+# a long prompt goes in.
 DEFAULT_SLOTS = 4
 DEFAULT_CTX = 2048
 DEFAULT_PREFILL_CHUNK = 64
@@ -504,20 +505,19 @@ class LlamaCppEngine:
     def _step(self, running: list[_Sequence]) -> None:
         """Up to `prefill_chunk` prompt tokens, then each running sequence's next token in one llama_decode.
 
-        Prompts advance by chunks of their grid (positions cut at multiples of `prefill_chunk`, as the f16 cache
-        needs; with the 8-bit cache a prefix hit may end between two cuts, and the first chunk runs up to the next;
-        see kvslots.py), the earliest admitted first, each chunk in a llama_decode of its own: in the same call as
-        other sequences' tokens, llama.cpp's micro-batching took one of its tokens in with theirs, decoded like a
-        lone token.
-        Prefill goes first so that a prompt finished in this step joins the decode in it: its slot idles one step
+        With the f16 cache prompts advance by chunks of their grid (positions cut at multiples of `prefill_chunk`;
+        see kvslots.py); with the 8-bit cache, where any cut gives the same K/V, by whole chunks from wherever a
+        prefix hit ended, so that a hit off the grid costs no extra call. The earliest admitted go first, each chunk
+        in a llama_decode of its own: in the same call as other sequences' tokens, llama.cpp's micro-batching took
+        one of its tokens in with theirs, decoded like a lone token. Prefill goes first so that a prompt finished in this step joins the decode in it: its slot idles one step
         less (an idle slot is a placeholder row or a second pass; see KVSlots.decode).
         """
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1
             self._finish(running, seq, "cancelled")
-        budget = self.prefill_chunk
+        budget, grid = self.prefill_chunk, 1 if self.slots.cut_anywhere else self.prefill_chunk
         for seq in [s for s in running if s.pending]:
-            take = min(self.prefill_chunk - len(seq.slot.cached) % self.prefill_chunk, len(seq.pending))
+            take = min(self.prefill_chunk - len(seq.slot.cached) % grid, len(seq.pending))
             if take > budget:
                 continue
             chunk, seq.pending = seq.pending[:take], seq.pending[take:]
