@@ -4,7 +4,10 @@
 
 For each slot count the default GGUF is loaded into its own engine, all with the same threads; `--slots 1` is the
 one-request-at-a-time engine this repo had before batching. Each client sends `--requests` greedy completions back
-to back, each a distinct prompt (so the prefix cache does not help) and `--max-tokens` long. Every level is measured
+to back, each a distinct prompt (the prefix cache saves only their first few tokens) and up to `--max-tokens` long.
+Answers that end sooner make clients finish at different times, so a level's aggregate rate includes a ramp-down
+where fewer requests share a step; beside it, the rate until the first client was done, while every client had a
+request in (what "N concurrent clients" means in steady state). Every level is measured
 `--rounds` times, interleaved across slot counts; the fastest round is reported, and beside it the median of the
 rounds (this VM's host makes rounds differ by up to 40%, so the median ratio is the steadier verdict). Beside the
 engine levels, the ceiling: llama_decode alone on the same context settings (KVSlots), B sequences advancing one
@@ -43,6 +46,9 @@ class Level:
     output_tokens: int
     wall_seconds: float
     tokens_per_second: float  # aggregate: all clients' output tokens over the level's wall time
+    # Aggregate until the first client had all its answers: every client kept a request in, so no ramp-down (the
+    # level's end, where clients whose answers ran shorter are done and fewer requests share a step).
+    all_clients_tokens_per_second: float
     per_request_tokens_per_second: float  # what one client sees, on average, first token included
     mean_ttft: float  # seconds from submitting to the first token (queueing included), averaged
     other_cores: float | None  # cores kept busy by anything but this process during the level (Linux only)
@@ -69,13 +75,22 @@ def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     busy, own = _busy_cpu_seconds(), time.process_time()
 
+    first_done: list[tuple[float, int]] = []  # when the first client was done, and the engine's tokens by then
+
+    async def client(c: int) -> list[tuple[int, float, float]]:
+        results = await _client(engine, c, requests, params)
+        if not first_done:
+            first_done.append((time.perf_counter(), engine.tokens_generated))
+        return results
+
     async def run() -> list[tuple[int, float, float]]:
-        per_client = await asyncio.gather(*(_client(engine, c, requests, params) for c in range(clients)))
+        per_client = await asyncio.gather(*(client(c) for c in range(clients)))
         return [r for rs in per_client for r in rs]
 
-    tick = time.perf_counter()
+    tick, generated = time.perf_counter(), engine.tokens_generated
     results = asyncio.run(run())
     wall = time.perf_counter() - tick
+    done_at, done_tokens = first_done[0]
     other = None if busy is None else (_busy_cpu_seconds() - busy - (time.process_time() - own)) / wall
     tokens = sum(n for n, _, _ in results)
     return Level(
@@ -85,6 +100,7 @@ def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int
         output_tokens=tokens,
         wall_seconds=round(wall, 2),
         tokens_per_second=round(tokens / wall, 1),
+        all_clients_tokens_per_second=round((done_tokens - generated) / (done_at - tick), 1),
         per_request_tokens_per_second=round(sum(n / s for n, s, _ in results) / len(results), 1),
         mean_ttft=round(sum(t for _, _, t in results) / len(results), 3),
         other_cores=None if other is None else round(max(other, 0.0), 2),
@@ -140,7 +156,12 @@ def summarize_rounds(rounds: dict[tuple[int, int], list[Level]]) -> dict[str, An
     return {
         "levels": [
             asdict(max(rounds[key], key=lambda lv: lv.tokens_per_second))
-            | {"median_tokens_per_second": round(statistics.median(lv.tokens_per_second for lv in rounds[key]), 1)}
+            | {
+                "median_tokens_per_second": round(statistics.median(lv.tokens_per_second for lv in rounds[key]), 1),
+                "median_all_clients_tokens_per_second": round(
+                    statistics.median(lv.all_clients_tokens_per_second for lv in rounds[key]), 1
+                ),
+            }
             for key in sorted(rounds)
         ],
         "all_rounds_tokens_per_second": {
@@ -202,22 +223,25 @@ def main() -> None:
 def markdown(summary: dict[str, Any]) -> str:
     single = {lv["slots"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
     single_median = {lv["slots"]: lv["median_tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
+    single_busy = {lv["slots"]: lv.get("median_all_clients_tokens_per_second") for lv in summary["levels"] if lv["clients"] == 1}
     unbatched = {lv["clients"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["slots"] == 1}
     lines = [
-        f"`{summary['gguf']}` through `LlamaCppEngine`, {summary['threads']} threads, greedy, {summary['max_tokens']} "
+        f"`{summary['gguf']}` through `LlamaCppEngine`, {summary['threads']} threads, greedy, up to {summary['max_tokens']} "
         f"output tokens per request, {summary.get('kv_cache', 'f16')} K/V cache, on {summary['machine']['cpu']} ({summary['machine']['cores']} cores); "
         f"fastest of {summary['rounds']} interleaved rounds. 1 slot is the engine before batching (one request at a time).",
         "",
         *([summary["note"], ""] if summary.get("note") else []),
-        "| slots | clients | aggregate tok/s | vs 1 client | median of rounds, vs 1 client | vs 1 slot | per-request tok/s "
+        "| slots | clients | aggregate tok/s | vs 1 client | median of rounds, vs 1 client "
+        "| median while every client had a request in, vs 1 client | vs 1 slot | per-request tok/s "
         "| mean TTFT (s) | other CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in summary["levels"]:
-        median = lv["median_tokens_per_second"]
+        median, busy = lv["median_tokens_per_second"], lv.get("median_all_clients_tokens_per_second")
         lines.append(
             f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
             f"{_ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {_ratio(median, single_median.get(lv['slots']))} | "
+            f"{busy if busy is not None else '-'}, {_ratio(busy or 0, single_busy.get(lv['slots']))} | "
             f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )

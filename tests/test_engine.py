@@ -16,7 +16,7 @@ from adaptserve import llama_thread
 from adaptserve.export import ensure_gguf
 from adaptserve.models import resolve
 from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
-from adaptserve.serve.kvslots import Feed, KVSlots, common_prefix
+from adaptserve.serve.kvslots import MAX_FILLED_GAP, Feed, KVSlots, common_prefix
 from adaptserve.serve.metrics import Metrics
 
 
@@ -346,6 +346,25 @@ def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: Lla
         assert logits(row) == beside  # bit for bit
         slots.decode([Feed(idle, batched.tokenize(" and the notes below it", add_bos=False), logits=False)])
         assert slots._gap_fillers(step) == []  # longer than both: filling it would widen the step's attention
+    finally:
+        slots.close()
+
+
+def test_a_long_gap_between_decoding_slots_runs_as_a_second_pass(batched: LlamaCppEngine) -> None:
+    slots = KVSlots(batched.llm, MAX_FILLED_GAP + 3, n_ctx=64, max_batch=16)
+    n_vocab = batched.llm.n_vocab()
+    try:
+        first, *idle, last = slots.slots
+        for slot in slots.slots:
+            slots.decode([Feed(slot, batched.tokenize(f"Slot {slot.seq_id} reads the ledger"), logits=False)])
+        held = [len(s.cached) for s in idle]
+        step = [Feed(first, (1000,), logits=True), Feed(last, (1000,), logits=True)]
+        assert slots._gap_fillers(step) == []  # more rows than a pass costs: two passes instead
+        beside = llama_cpp.llama_get_logits_ith(slots.ctx.ctx, slots.decode(step)[1])[:n_vocab]
+        slots._truncate(last, len(last.cached) - 1)
+        (row,) = slots.decode([Feed(last, (1000,), logits=True)])
+        assert llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[:n_vocab] == beside
+        assert [len(s.cached) for s in idle] == held  # untouched by the step
     finally:
         slots.close()
 

@@ -37,8 +37,9 @@ sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
   too (up to 0.675). The base's Q4_1 meets neither, which is why the engine tests, run on it, passed all along.
 - Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
   ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
-  step fills each gap with a placeholder token for the idle slot, removed right after: one more row in the same
-  pass instead of a second pass (half the 8-client steps had a gap; see benchmarks/results/batching).
+  step fills a gap of one or two idle slots with a placeholder token each, removed right after: more rows in the
+  same pass instead of a second pass (half the 8-client steps had a gap; see benchmarks/results/batching). Longer
+  gaps, as when few requests are left, cost less as a second pass (`MAX_FILLED_GAP`).
 
 A slot keeps its prompt's K/V after its request ends: that is the prefix cache. A new prompt goes to the free
 slot holding the longest prefix of it (the lowest such slot, so busy slots stay packed), or gets a copy of another
@@ -60,6 +61,10 @@ from adaptserve import llama_thread
 # K/V storage types a KVSlots takes: llama.cpp's own default, and 8-bit at half its size (see the module docstring).
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 DEFAULT_KV_CACHE = "q8_0"
+# Idle slots between decoding ones that a step fills with placeholder rows rather than split into a second pass. On
+# 2 cores (SmolLM2-135M q4_k_m) a row costs ~3.3 ms of a step and a pass ~6.5 ms over its rows: busy slots 0-3 and
+# 5-7 ran in 36 ms filled vs 41 split, 0-2 and 5-7 in 33 vs 44, but 0-1 and 6-7 in 33 vs 28, 0 and 7 in 30 vs 18.
+MAX_FILLED_GAP = 2
 
 
 def kv_cache_kwargs(name: str) -> dict[str, int | bool]:
@@ -187,18 +192,28 @@ class KVSlots:
         return [rows[f.slot.seq_id] for f in feeds]
 
     def _gap_fillers(self, feeds: Sequence[Feed]) -> list[Feed]:
-        """One-token feeds for the idle slots between a decode step's sequences, so that they form one run of ids.
+        """One-token feeds for the short runs of idle slots (MAX_FILLED_GAP at most) between a decode step's
+        sequences, so that they and the sequences around them make one pass.
 
         Only a step of one token per sequence is filled: llama.cpp micro-batches sequences together only when each
-        has as many tokens. A slot holding more cells than every decoding one is left out (the step's attention
-        spans the longest stream in it, so its filler could cost more than the second pass), and so is a full one.
+        has as many tokens. A run with a slot holding more cells than every decoding one is left as it is (the
+        step's attention spans the longest stream in it, so its filler could cost more than the second pass), and
+        so is a run with a full slot.
         """
         if len(feeds) < 2 or any(len(f.tokens) != 1 for f in feeds):
             return []
         ids = {f.slot.seq_id for f in feeds}
         longest = min(max(len(f.slot.cached) for f in feeds), self.n_ctx - 1)
-        gaps = self.slots[min(ids) : max(ids) + 1]
-        return [Feed(s, (0,), logits=False) for s in gaps if s.seq_id not in ids and len(s.cached) <= longest]
+        fillers: list[Slot] = []
+        gap: list[Slot] = []
+        for slot in self.slots[min(ids) : max(ids) + 1]:
+            if slot.seq_id not in ids:
+                gap.append(slot)
+                continue
+            if len(gap) <= MAX_FILLED_GAP and all(len(s.cached) <= longest for s in gap):
+                fillers += gap
+            gap = []
+        return [Feed(s, (0,), logits=False) for s in fillers]
 
     def _decode(self, feeds: Sequence[Feed]) -> list[int]:
         batch, rows, n = self._batch.batch, [], 0
