@@ -369,6 +369,24 @@ def test_a_long_gap_between_decoding_slots_runs_as_a_second_pass(batched: LlamaC
         slots.close()
 
 
+def test_a_new_prompt_goes_next_to_the_busy_slots_unless_a_prefix_elsewhere_saves_a_chunk(batched: LlamaCppEngine) -> None:
+    slots = KVSlots(batched.llm, 4, n_ctx=256, max_batch=64)
+    try:
+        busy, _ = slots.acquire(batched.tokenize("Another request"), align=64)
+        prompt = batched.tokenize("The ledger of the lighthouse keeper " * 20)
+        far = slots.slots[3]
+        slots.decode([Feed(far, prompt[:8], logits=False)])
+        far.reusable = 8
+        slot, kept = slots.acquire(prompt, align=64)
+        assert (busy.seq_id, slot.seq_id, kept) == (0, 1, 0)  # 8 tokens cached in slot 3 are not worth a gap
+        slots.release(slot)
+        slots.decode([Feed(far, prompt[8:72], logits=False)])
+        far.reusable = 72
+        assert slots.acquire(prompt, align=64) == (far, 72)  # 72 are
+    finally:
+        slots.close()
+
+
 def test_cancel_frees_the_slot_at_once(batched: LlamaCppEngine) -> None:
     wait_idle(batched)
     generated = batched.tokens_generated

@@ -32,10 +32,10 @@ from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, comm
 
 log = logging.getLogger(__name__)
 
-# Measured on 2 cores (benchmarks/results/batching): aggregate decode throughput stops growing at about 4
-# sequences (4 slots: 1.55x one client at 4-8 clients; 2 slots: 1.22x), while each slot holds n_ctx tokens of KV,
-# about 12 KiB per token for SmolLM2-135M in the default 8-bit cache. 2048 tokens a slot fits every FinQA prompt but
-# one 2-shot base prompt and serves base + adapted in 558 MiB (730 with an f16 cache; benchmarks/results/footprint).
+# Measured on 2 cores (benchmarks/results/batching/kv-cache-q8_0/packed): 4 slots serve 4-8 clients at 1.47-1.60x one
+# client's tokens/s, 8 slots at 1.53-1.91x, while each slot holds n_ctx tokens of KV, about 12 KiB per token for
+# SmolLM2-135M in the default 8-bit cache. 4 slots of 2048 tokens fit every FinQA prompt but one 2-shot base prompt
+# and serve base + adapted in 558 MiB (730 with an f16 cache; 8 slots would add ~190; benchmarks/results/footprint).
 # Prefill runs as fast in chunks of 64 as in larger ones, and a smaller chunk stalls the running streams less while
 # a long prompt goes in.
 DEFAULT_SLOTS = 4

@@ -42,9 +42,9 @@ sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
   gaps, as when few requests are left, cost less as a second pass (`MAX_FILLED_GAP`).
 
 A slot keeps its prompt's K/V after its request ends: that is the prefix cache. A new prompt goes to the free
-slot holding the longest prefix of it (the lowest such slot, so busy slots stay packed), or gets a copy of another
-slot's cells when that one holds a much longer prefix (a shared system prompt or FinQA exemplars still in use by
-a running request).
+slot holding the longest prefix of it, or to the free slot next to the busy ones where that saves less than a
+prefill chunk (so busy slots stay packed), or gets a copy of another slot's cells when that one holds a much longer
+prefix (a shared system prompt or FinQA exemplars still in use by a running request).
 """
 
 from __future__ import annotations
@@ -140,15 +140,20 @@ class KVSlots:
         return self.busy < len(self.slots)
 
     def acquire(self, prompt: Sequence[int], align: int) -> tuple[Slot, int]:
-        """A free slot whose stream already holds the longest prefix of `prompt` we can give it, and that length:
-        below len(prompt), so that the last token is decoded again (its logits start the reply), and a multiple of
-        `align` unless the cache is `cut_anywhere`, so that the rest is cut as it would be from an empty slot.
+        """A free slot for `prompt`, and how much of it the slot already holds: below len(prompt), so that the last
+        token is decoded again (its logits start the reply), and a multiple of `align` unless the cache is
+        `cut_anywhere`, so that the rest is cut as it would be from an empty slot.
+
+        The slot is the one holding the longest prefix, unless slots are busy and it saves under `align` tokens
+        over the free slot next to them: a step over a gap pays for it at every token of the reply, a prefix once.
 
         llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
         time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
         """
         free = [s for s in self.slots if not s.busy]
         slot = max(free, key=lambda s: (s.prefix(prompt), -s.seq_id))
+        if (packed := self._next_to_busy(free)) is not None and slot.prefix(prompt) < packed.prefix(prompt) + align:
+            slot = packed
         keep = slot.prefix(prompt)
         donor = max(self.slots, key=lambda s: s.prefix(prompt))
         if (shared := donor.prefix(prompt)) >= keep + align:
@@ -161,6 +166,15 @@ class KVSlots:
         self.prompt_tokens += len(prompt)
         self.cached_prompt_tokens += keep
         return slot, keep
+
+    def _next_to_busy(self, free: list[Slot]) -> Slot | None:
+        """The free slot in a gap between busy ones, else the nearest to them (the lowest on a tie); None when no
+        slot is busy. A decode step pays for a gap with placeholder rows or a second pass over the weights."""
+        busy = [s.seq_id for s in self.slots if s.busy]
+        if not busy:
+            return None
+        lo, hi = min(busy), max(busy)
+        return min(free, key=lambda s: (max(lo - s.seq_id, s.seq_id - hi, 0), s.seq_id))
 
     def release(self, slot: Slot) -> None:
         """The slot takes new requests. Its prompt's cells stay as a prefix cache; the reply's are freed now."""
