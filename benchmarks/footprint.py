@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/footprint.py --out benchmarks/results/footprint
 
-Each setting starts a fresh server (without the UI, except the last row: the defaults as `adaptserve serve` runs
-them), answers one request per model, and reads the kernel's high-water mark of its resident set (VmHWM).
+Each setting starts a fresh server (without the UI, except the defaults rows: `adaptserve serve` as it runs), answers
+one request per model, opens the UI where it is on (the server imports gradio only then), and reads the kernel's
+high-water mark of its resident set (VmHWM).
 llama.cpp clears the KV cache it allocates, so every cell counts whether used or not: a model costs n_slots x n_ctx
 cells (for SmolLM2-135M about 12 KiB each with the default q8_0 cache, 22.5 KiB with `--kv-cache f16`) on top of its
 weights and the process.
@@ -45,6 +46,8 @@ def measure(slots: int, n_ctx: int, kv_cache: str, ui: bool, threads: int, log_d
         for model in models[1:]:
             body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
             httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).raise_for_status()
+        if ui:
+            httpx.get(f"{server.url}/ui/", timeout=120).raise_for_status()
         peak = server.peak_rss_bytes() or 0
     finally:
         server.stop()
@@ -70,8 +73,9 @@ def main() -> None:
     rows = [measure(*setting, args.threads, logs) for setting in SETTINGS]
     (args.out / "footprint.json").write_text(json.dumps({"models": default_models(), "rows": rows}, indent=2) + "\n")
     lines = [
-        f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())}, after one request each. "
-        f"Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache {DEFAULT_KV_CACHE}, UI on.",
+        f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())}, after one request each and, where the UI "
+        "is on, after /ui was opened (until then such a server has not imported gradio and weighs what it does without "
+        f"the UI). Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache {DEFAULT_KV_CACHE}, UI on.",
         "",
         "| --n-slots | --n-ctx (per slot) | --kv-cache | UI | KV cells per model | peak RSS | within 600 MB |",
         "|---|---|---|---|---|---|---|",

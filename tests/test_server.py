@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -223,3 +224,19 @@ def test_client_disconnect_mid_stream_stops_generation(server: Server, client: h
     assert metric(client, "adaptserve_engine_generated_tokens_total") - generated < 100  # far short of 500
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_the_ui_is_built_at_its_first_visit(tmp_path: Path) -> None:
+    """gradio (~2.5 s to import, ~42 MiB) is loaded when /ui is first asked for, not at start-up."""
+    srv = Server(["--models", "smollm2-135m"], tmp_path)
+    try:
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert "starting the UI" not in srv.log.read_text()
+        first = httpx.get(f"{srv.url}/ui/", timeout=120)
+        assert first.status_code == 200 and "<html" in first.text.lower()
+        assert srv.log.read_text().count("starting the UI") == 1
+        assert httpx.get(f"{srv.url}/ui/config").json()["components"]  # the same app from now on
+        assert srv.log.read_text().count("starting the UI") == 1
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0 and "Traceback" not in srv.log.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import json
 import logging
@@ -23,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adaptserve import finqa
 from adaptserve.models import ModelSpec, default_models, resolve
@@ -390,12 +392,15 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     metrics = Metrics()
     pool = ModelPool([resolve(ref) for ref in config.models], config, metrics)
+    ui = LazyUI(pool) if config.ui else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.load()
         log.info("serving %s on http://%s:%d", pool.names, config.host, config.port)
         yield
+        if ui is not None:
+            await ui.close()
         pool.close()
 
     app = FastAPI(
@@ -515,11 +520,38 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         engine = pool.get(req.model)
         return await unless_gone(request, answer_finqa(pool, engine, req))
 
-    if config.ui:
-        from adaptserve.serve.ui import mount_ui
-
-        app = mount_ui(app, pool)
+    if ui is not None:
+        app.mount("/ui", ui)
     return app
+
+
+class LazyUI:
+    """The Gradio UI at /ui, imported and built at its first request: gradio takes ~2.5 s to import and ~42 MiB
+    (benchmarks/results/footprint) that a server only ever used through its API would pay for nothing."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
+        self._app: ASGIApp | None = None
+        self._building = asyncio.Lock()
+        self._running = contextlib.AsyncExitStack()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None:
+            async with self._building:
+                if self._app is None:
+                    self._app = await self._start(scope["app"])
+        await self._app(scope, receive, send)
+
+    async def _start(self, parent: FastAPI) -> ASGIApp:
+        log.info("starting the UI at /ui")
+        # The import runs off the event loop, so that streams in flight do not stall for it.
+        ui = await asyncio.to_thread(importlib.import_module, "adaptserve.serve.ui")
+        app = ui.gradio_app(parent, self._pool)
+        await self._running.enter_async_context(ui.running(app))
+        return app
+
+    async def close(self) -> None:
+        await self._running.aclose()
 
 
 def as_sentences(text: list[str] | str) -> list[str]:

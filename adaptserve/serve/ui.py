@@ -1,10 +1,12 @@
 """Gradio UI at /ui: a streaming chat with a model picker, and a FinQA tab (table + question -> program -> answer).
 
-The UI is another thin client of the engines: it goes through the same `ModelPool` as the HTTP routes.
+The UI is another thin client of the engines: it goes through the same `ModelPool` as the HTTP routes. The server
+imports this module (and gradio) only when /ui is first visited (`app.LazyUI`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home fr
 
 import gradio as gr
 from fastapi import FastAPI
+from gradio.routes import App
 
 from adaptserve.serve.app import APIError, ModelPool, answer_finqa
 from adaptserve.serve.engine import SamplingParams, TextDelta
@@ -93,5 +96,20 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
     return demo
 
 
-def mount_ui(app: FastAPI, pool: ModelPool) -> FastAPI:
-    return gr.mount_gradio_app(app, build_ui(pool), path="/ui", ssr_mode=False)
+def gradio_app(parent: FastAPI, pool: ModelPool) -> App:
+    """The UI's gradio app, set up as `gr.mount_gradio_app` sets it up at /ui of `parent` (which has started
+    already), but left for the caller to route to and to run (`running`)."""
+    lifespan = parent.router.lifespan_context
+    gr.mount_gradio_app(parent, build_ui(pool), path="/ui", ssr_mode=False)
+    mount = parent.router.routes.pop()  # the Mount it appended: the caller already holds the route to /ui
+    parent.router.lifespan_context = lifespan  # the parent's lifespan is running: gradio's part starts in `running`
+    return mount.app
+
+
+@contextlib.asynccontextmanager
+async def running(app: App) -> AsyncIterator[None]:
+    """What `gr.mount_gradio_app`'s lifespan does for its app: gradio's own lifespan and startup events (the queue)."""
+    async with app.router.lifespan_context(app):
+        app.get_blocks().run_startup_events()
+        await app.get_blocks().run_extra_startup_events()
+        yield
