@@ -526,7 +526,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
 
 class LazyUI:
-    """The Gradio UI at /ui, imported and built at its first request: gradio takes ~2.5 s to import and ~42 MiB
+    """The Gradio UI at /ui, imported and built at its first request: gradio takes ~2.5 s to import and ~45 MiB
     (benchmarks/results/footprint) that a server only ever used through its API would pay for nothing."""
 
     def __init__(self, pool: ModelPool) -> None:
