@@ -223,7 +223,7 @@ def main() -> None:
 def markdown(summary: dict[str, Any]) -> str:
     single = {lv["slots"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
     single_median = {lv["slots"]: lv["median_tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
-    single_busy = {lv["slots"]: lv.get("median_all_clients_tokens_per_second") for lv in summary["levels"] if lv["clients"] == 1}
+    single_busy = {lv["slots"]: lv["median_all_clients_tokens_per_second"] for lv in summary["levels"] if lv["clients"] == 1}
     unbatched = {lv["clients"]: lv["tokens_per_second"] for lv in summary["levels"] if lv["slots"] == 1}
     lines = [
         f"`{summary['gguf']}` through `LlamaCppEngine`, {summary['threads']} threads, greedy, up to {summary['max_tokens']} "
@@ -237,11 +237,11 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in summary["levels"]:
-        median, busy = lv["median_tokens_per_second"], lv.get("median_all_clients_tokens_per_second")
+        median, busy = lv["median_tokens_per_second"], lv["median_all_clients_tokens_per_second"]
         lines.append(
             f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
             f"{_ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {_ratio(median, single_median.get(lv['slots']))} | "
-            f"{busy if busy is not None else '-'}, {_ratio(busy or 0, single_busy.get(lv['slots']))} | "
+            f"{busy}, {_ratio(busy, single_busy.get(lv['slots']))} | "
             f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )

@@ -111,6 +111,12 @@ def test_chat_template_comes_from_the_gguf(engine: LlamaCppEngine) -> None:
 
 # ---- continuous batching: one context, several slots, chunked prefill, prefix cache ----
 
+
+def row_logits(slots: KVSlots, row: int) -> list[float]:
+    """The logits of batch row `row` of the last decode, the whole vocabulary."""
+    return llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[: slots.n_vocab]
+
+
 N_SLOTS = 8
 
 
@@ -274,7 +280,7 @@ def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(m
             for at in range(start, end, 64):
                 (row,) = slots.decode([Feed(slot, prompt[at : min(at + 64, end)], logits=min(at + 64, end) == len(prompt))])
             start = end
-        logits = llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[: llm.n_vocab()]
+        logits = row_logits(slots, row)
         tokens = [slots.sample(None, row)]
         for _ in range(8):
             (row,) = slots.decode([Feed(slot, tokens[-1:], logits=True)])
@@ -315,7 +321,7 @@ def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache
         rows = []
         for token in (1000, 2000):
             (row, *_) = slots.decode([Feed(s, (token,), logits=True) for s in (first, *others)])
-            rows.append(llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[: llm.n_vocab()])
+            rows.append(row_logits(slots, row))
         return rows
 
     try:
@@ -327,11 +333,6 @@ def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache
 
 def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: LlamaCppEngine) -> None:
     slots = KVSlots(batched.llm, 3, n_ctx=64, max_batch=16)
-    n_vocab = batched.llm.n_vocab()
-
-    def logits(row: int) -> list[float]:
-        return llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[:n_vocab]
-
     try:
         first, idle, last = slots.slots
         for slot in slots.slots:
@@ -339,11 +340,11 @@ def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: Lla
         held = len(idle.cached)
         step = [Feed(first, (1000,), logits=True), Feed(last, (1000,), logits=True)]
         assert [f.slot for f in slots._gap_fillers(step)] == [idle]  # the step runs as one block of three
-        beside = logits(slots.decode(step)[1])
+        beside = row_logits(slots, slots.decode(step)[1])
         assert llama_cpp.llama_memory_seq_pos_max(slots.ctx.memory, idle.seq_id) == held - 1 == len(idle.cached) - 1
         slots._truncate(last, len(last.cached) - 1)  # drop the step's token, then decode it with nothing beside it
         (row,) = slots.decode([Feed(last, (1000,), logits=True)])
-        assert logits(row) == beside  # bit for bit
+        assert row_logits(slots, row) == beside  # bit for bit
         slots.decode([Feed(idle, batched.tokenize(" and the notes below it", add_bos=False), logits=False)])
         assert slots._gap_fillers(step) == []  # longer than both: filling it would widen the step's attention
     finally:
@@ -352,7 +353,6 @@ def test_a_gap_between_decoding_slots_is_filled_and_leaves_no_trace(batched: Lla
 
 def test_a_long_gap_between_decoding_slots_runs_as_a_second_pass(batched: LlamaCppEngine) -> None:
     slots = KVSlots(batched.llm, MAX_FILLED_GAP + 3, n_ctx=64, max_batch=16)
-    n_vocab = batched.llm.n_vocab()
     try:
         first, *idle, last = slots.slots
         for slot in slots.slots:
@@ -360,10 +360,10 @@ def test_a_long_gap_between_decoding_slots_runs_as_a_second_pass(batched: LlamaC
         held = [len(s.cached) for s in idle]
         step = [Feed(first, (1000,), logits=True), Feed(last, (1000,), logits=True)]
         assert slots._gap_fillers(step) == []  # more rows than a pass costs: two passes instead
-        beside = llama_cpp.llama_get_logits_ith(slots.ctx.ctx, slots.decode(step)[1])[:n_vocab]
+        beside = row_logits(slots, slots.decode(step)[1])
         slots._truncate(last, len(last.cached) - 1)
         (row,) = slots.decode([Feed(last, (1000,), logits=True)])
-        assert llama_cpp.llama_get_logits_ith(slots.ctx.ctx, row)[:n_vocab] == beside
+        assert row_logits(slots, row) == beside
         assert [len(s.cached) for s in idle] == held  # untouched by the step
     finally:
         slots.close()

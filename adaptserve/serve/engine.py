@@ -509,8 +509,9 @@ class LlamaCppEngine:
         see kvslots.py); with the 8-bit cache, where any cut gives the same K/V, by whole chunks from wherever a
         prefix hit ended, so that a hit off the grid costs no extra call. The earliest admitted go first, each chunk
         in a llama_decode of its own: in the same call as other sequences' tokens, llama.cpp's micro-batching took
-        one of its tokens in with theirs, decoded like a lone token. Prefill goes first so that a prompt finished in this step joins the decode in it: its slot idles one step
-        less (an idle slot is a placeholder row or a second pass; see KVSlots.decode).
+        one of its tokens in with theirs, decoded like a lone token. Prefill goes first so that a prompt finished in
+        this step joins the decode in it: its slot idles one step less (an idle slot is a placeholder row or a
+        second pass; see KVSlots.decode).
         """
         for seq in [s for s in running if s.job.cancelled.is_set()]:
             self.requests_cancelled += 1

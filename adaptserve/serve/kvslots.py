@@ -150,13 +150,14 @@ class KVSlots:
         llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
         time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
         """
+        held = {s.seq_id: s.prefix(prompt) for s in self.slots}
         free = [s for s in self.slots if not s.busy]
-        slot = max(free, key=lambda s: (s.prefix(prompt), -s.seq_id))
-        if (packed := self._next_to_busy(free)) is not None and slot.prefix(prompt) < packed.prefix(prompt) + align:
+        slot = max(free, key=lambda s: (held[s.seq_id], -s.seq_id))
+        if (packed := self._next_to_busy(free)) is not None and held[slot.seq_id] < held[packed.seq_id] + align:
             slot = packed
-        keep = slot.prefix(prompt)
-        donor = max(self.slots, key=lambda s: s.prefix(prompt))
-        if (shared := donor.prefix(prompt)) >= keep + align:
+        keep = held[slot.seq_id]
+        donor = max(self.slots, key=lambda s: held[s.seq_id])
+        if (shared := held[donor.seq_id]) >= keep + align:
             llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached, keep = list(donor.cached), shared
         keep = min(keep, len(prompt) - 1)
