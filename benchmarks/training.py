@@ -2,8 +2,11 @@
 bare PEFT loop on the same batches.
 
     .venv/bin/python benchmarks/training.py --out benchmarks/results/training      # ~1 h on 2 cores
+    .venv/bin/python benchmarks/training.py --steps 64 --threads 2 --dev-limit 100 --out benchmarks/results/training/steps-64 \
+        --only lora-r4 lora-r16 lora-r64 qlora-r16 full                                # the methods alone, longer
 
-Every run is its own process (so peak RSS is that run's), one torch thread, same data, seed and steps. Writes
+Every run is its own process (so peak RSS is that run's), one torch thread unless --threads, same data, seed and
+steps. Writes
 `<out>/results.json`, `<out>/training.md` and `<out>/memory.png`; `benchmarks/training.md` quotes them.
 """
 
@@ -26,7 +29,7 @@ log = logging.getLogger("benchmarks.training")
 
 DATA = "../shared/data/finqa/train.json"
 DEV = "../shared/data/finqa/dev.json:0:300"
-COMMON = ["--data", DATA, "--batch-size", "4", "--grad-accum", "1", "--threads", "1", "--save-every", "0", "--seed", "0"]
+COMMON = ["--data", DATA, "--batch-size", "4", "--grad-accum", "1", "--save-every", "0", "--seed", "0"]
 # name -> extra flags; adapters take a 10x larger learning rate than full fine-tuning, as usual.
 VARIANTS: dict[str, list[str]] = {
     "lora-r4": ["--method", "lora", "--rank", "4", "--alpha", "8", "--lr", "5e-4"],
@@ -42,9 +45,10 @@ MEMORY: dict[str, list[str]] = {
 }
 
 
-def run_train(name: str, flags: list[str], steps: int, out: Path) -> dict[str, Any]:
+def run_train(name: str, flags: list[str], steps: int, threads: int, out: Path) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    cmd = [sys.executable, "-m", "adaptserve", "train", *COMMON, *flags, "--max-steps", str(steps), "--output-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "adaptserve", "train", *COMMON, *flags, "--threads", str(threads), "--max-steps", str(steps)]
+    cmd += ["--output-dir", str(run_dir)]
     log.info("%s: %s", name, " ".join(cmd[2:]))
     subprocess.run(cmd, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     report = json.loads((run_dir / "train_report.json").read_text())
@@ -66,7 +70,7 @@ def run_train(name: str, flags: list[str], steps: int, out: Path) -> dict[str, A
     }
 
 
-def bare_loop(steps: int, rank: int) -> dict[str, Any]:
+def bare_loop(steps: int, rank: int, threads: int) -> dict[str, Any]:
     """The textbook PEFT loop: full-vocabulary logits at every position, HF's own loss with -100 labels; fed the
     very batches `adaptserve train` plans for the same data and seed."""
     import torch
@@ -76,7 +80,7 @@ def bare_loop(steps: int, rank: int) -> dict[str, Any]:
     from adaptserve.train.data import collate, encode, load_items, plan_batches
     from adaptserve.train.model import base_dir, load_tokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
     examples = encode(load_items([DATA]), tokenizer, retrieval_k=2, max_seq_len=768)
@@ -108,7 +112,7 @@ def bare_loop(steps: int, rank: int) -> dict[str, Any]:
     }
 
 
-def dev_metrics(run_dir: str, method: str, limit: int) -> dict[str, Any]:
+def dev_metrics(run_dir: str, method: str, limit: int, threads: int) -> dict[str, Any]:
     """Answer-token loss and greedy FinQA execution accuracy on dev[:limit], with the trained weights on the fp32
     base (a QLoRA adapter too: that is how `adaptserve export` merges it)."""
     import torch
@@ -120,7 +124,7 @@ def dev_metrics(run_dir: str, method: str, limit: int) -> dict[str, Any]:
     from adaptserve.train.loop import answer_loss
     from adaptserve.train.model import base_dir, load_tokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     tokenizer = load_tokenizer("smollm2-135m")
     if method == "full":
         model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
@@ -164,7 +168,8 @@ def plot_memory(runs: list[dict[str, Any]], path: Path) -> None:
 def markdown(results: dict[str, Any]) -> str:
     gib = 2**30
     lines = [
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, 1 torch thread per run, fp32.",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"{results.get('threads', 1)} torch thread(s) per run, fp32.",
         "",
         f"### Methods: same data (FinQA train), seed and {results['steps']} steps of 4 examples",
         "",
@@ -179,8 +184,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['final_loss']:.3f} | {r['dev_loss']:.3f} | {100 * r['dev_accuracy']:.1f}% of {r['dev_examples']} "
             f"| {r['adapter_bytes'] / 1e6:.1f} MB |"
         )
-    ours, bare = results["throughput"]["ours"], results["throughput"]["bare"]
-    lines += [
+    if "throughput" in results:
+        lines += _throughput_lines(results["throughput"]["ours"], results["throughput"]["bare"])
+    if results["memory"]:
+        lines += _memory_lines(results["memory"])
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_lines(ours: dict[str, Any], bare: dict[str, Any]) -> list[str]:
+    gib = 2**30
+    return [
         "",
         "### Throughput: `adaptserve train` vs a bare PEFT loop on the same batches (LoRA r16)",
         "",
@@ -189,19 +202,25 @@ def markdown(results: dict[str, Any]) -> str:
         f"| adaptserve train | {ours['tokens_per_second']:.0f} | {ours['peak_rss_bytes'] / gib:.2f} GiB |",
         f"| bare PEFT loop (full logits, HF loss) | {bare['tokens_per_second']:.0f} | {bare['peak_rss_bytes'] / gib:.2f} GiB |",
         f"| ratio | {ours['tokens_per_second'] / bare['tokens_per_second']:.2f}x | |",
+    ]
+
+
+def _memory_lines(runs: list[dict[str, Any]]) -> list[str]:
+    gib = 2**30
+    lines = [
         "",
         "### Memory: batch 4 x 512 tokens",
         "",
         "| run | peak RSS | RSS first step -> last step | tokens/s |",
         "|---|---|---|---|",
     ]
-    for r in results["memory"]:
+    for r in runs:
         history = r["memory_history"]
         lines.append(
             f"| {r['name']} | {r['peak_rss_bytes'] / gib:.2f} GiB | {history[0] / gib:.2f} -> {history[-1] / gib:.2f} GiB "
             f"| {r['tokens_per_second']:.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -209,6 +228,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--memory-steps", type=int, default=6)
     parser.add_argument("--dev-limit", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default="benchmarks/results/training")
     parser.add_argument("--only", nargs="*", default=None, help="rerun only these runs (the rest is kept from results.json)")
     parser.add_argument("--worker", choices=["bare", "dev"], help=argparse.SUPPRESS)
@@ -217,10 +237,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker == "bare":
-        print(json.dumps(bare_loop(args.steps, rank=16)))
+        print(json.dumps(bare_loop(args.steps, rank=16, threads=args.threads)))
         return
     if args.worker == "dev":
-        print(json.dumps(dev_metrics(args.run_dir, args.method, args.dev_limit)))
+        print(json.dumps(dev_metrics(args.run_dir, args.method, args.dev_limit, args.threads)))
         return
 
     out = Path(args.out)
@@ -236,11 +256,13 @@ def main() -> None:
 
     def worker(*flags: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *flags, "--steps", str(args.steps), "--dev-limit", str(args.dev_limit)]
+        cmd += ["--threads", str(args.threads)]
         output = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         return json.loads(output.stdout.strip().splitlines()[-1])
 
     results["machine"] = machine_info()
     results["steps"] = args.steps
+    results["threads"] = args.threads
     results.setdefault("methods", [])
     results.setdefault("memory", [])
 
@@ -251,23 +273,25 @@ def main() -> None:
 
     for name, flags in VARIANTS.items():
         if wanted(name):
-            run = run_train(name, flags, args.steps, out)
+            run = run_train(name, flags, args.steps, args.threads, out)
             run |= worker("--worker", "dev", "--run-dir", run["dir"], "--method", run["method"])
             log.info("%s: %s", name, {k: v for k, v in run.items() if k != "memory_history"})
             record("methods", run)
     if wanted("bare"):
         results["throughput"] = {"bare": worker("--worker", "bare")}
         saved.write_text(json.dumps(results, indent=2) + "\n")
-    results["throughput"]["ours"] = next(m for m in results["methods"] if m["name"] == "lora-r16")
+    if "throughput" in results:
+        results["throughput"]["ours"] = next(m for m in results["methods"] if m["name"] == "lora-r16")
     for name, flags in MEMORY.items():
         if wanted(name):
-            record("memory", run_train(name, flags, args.memory_steps, out))
+            record("memory", run_train(name, flags, args.memory_steps, args.threads, out))
     order = list(VARIANTS) + list(MEMORY)
     for kind in ("methods", "memory"):
         results[kind].sort(key=lambda r: order.index(r["name"]))
     saved.write_text(json.dumps(results, indent=2) + "\n")
     (out / "training.md").write_text(markdown(results))
-    plot_memory(results["memory"], out / "memory.png")
+    if results["memory"]:
+        plot_memory(results["memory"], out / "memory.png")
     log.info("wrote %s", out)
 
 
