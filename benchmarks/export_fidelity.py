@@ -7,14 +7,16 @@ For each FinQA record the adapter's own prompt (its training style) is answered 
 applied by llama.cpp to the base GGUF. Same prompt token ids everywhere. Two measures say how much of a
 disagreement is the export and how much the model's own near-ties: the unmerged adapter once more in bf16 (a
 precision change alone, no export), and, where an output first leaves the reference's path, the reference's margin
-there (its top logit minus its logit for the token the other chose). Writes `<out>/export_fidelity.json` and
-`<out>/export_fidelity.md`.
+there (its top logit minus its logit for the token the other chose). A third says which records can flip at all: the
+reference's narrowest margin along its own output (top logit minus runner-up at each token), with each export's
+agreement by that margin. Writes `<out>/export_fidelity.json` and `<out>/export_fidelity.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import statistics
@@ -32,6 +34,7 @@ from adaptserve.models import resolve
 
 log = logging.getLogger("benchmarks.export_fidelity")
 MAX_TOKENS = 64  # FinQA programs run 10-40 tokens
+MARGIN_BINS = (0.25, 0.5, 1.0, 2.0)  # edges of the narrowest-margin buckets in the markdown
 
 
 def main() -> None:
@@ -61,12 +64,13 @@ def main() -> None:
     peft = merge.attach(model, adapter)
     reference = verify.greedy_hf(peft, prompts, MAX_TOKENS, eos, "transformers")
     ref = _Outputs(reference, records, tokenizer)
+    path_margins = _path_margins(peft, prompts, reference)
     rows: list[dict[str, Any]] = [_row("transformers + PEFT (reference)", ref, ref, tick)]
 
     def add(name: str, tokens: list[list[int]], tick: float) -> None:
-        rows.append(
-            _row(name, _Outputs(tokens, records, tokenizer), ref, tick) | {"margins": _margins(peft, prompts, reference, tokens)}
-        )
+        outputs = _Outputs(tokens, records, tokenizer)
+        same = [a == b for a, b in zip(outputs.texts, ref.texts, strict=True)]
+        rows.append(_row(name, outputs, ref, tick) | {"margins": _margins(peft, prompts, reference, tokens), "same": same})
 
     if not args.no_bf16:
         tick = time.perf_counter()
@@ -86,7 +90,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"adapter": str(adapter_dir), "finqa": args.finqa, "records": len(records), "max_tokens": MAX_TOKENS, "rows": rows}
+    summary = {"adapter": str(adapter_dir), "finqa": args.finqa, "records": len(records), "max_tokens": MAX_TOKENS}
+    summary |= {"path_margins": path_margins, "rows": rows}
     (out / "export_fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "export_fidelity.md").write_text(markdown(summary))
     log.info("wrote %s", out)
@@ -128,6 +133,40 @@ def _margins(model: Any, prompts: list[verify.Prompt], reference: list[list[int]
     return sorted(margins)
 
 
+@torch.inference_mode()
+def _path_margins(model: Any, prompts: list[verify.Prompt], reference: list[list[int]]) -> list[float]:
+    """Per record, the reference's narrowest choice along its own output, the stop included: at each position its
+    top logit minus the runner-up, the smallest. A record whose path has no near-tie has nothing to flip."""
+    margins = []
+    for prompt, ref in zip(prompts, reference, strict=True):
+        logits = model(torch.tensor([prompt.ids + ref], device=model.device)).logits[0, len(prompt.ids) - 1 :].float()
+        top2 = logits.topk(2, dim=-1).values
+        margins.append(round(float((top2[:, 0] - top2[:, 1]).min()), 4))
+    return margins
+
+
+def _by_margin(summary: dict[str, Any]) -> list[str]:
+    """Each export's program agreement by the reference's narrowest margin on the record's path."""
+    exports = [row for row in summary["rows"] if "same" in row]
+    edges = [0.0, *MARGIN_BINS, float("inf")]
+    lines = [
+        "",
+        "Agreement by the reference's narrowest margin along its own output (top logit minus runner-up, smallest over "
+        "the program's tokens and its stop): only records with a near-tie somewhere can flip.",
+        "",
+        "| narrowest margin | records | " + " | ".join(row["export"] for row in exports) + " |",
+        "|---|---|" + "---|" * len(exports),
+    ]
+    for low, high in itertools.pairwise(edges):
+        members = [i for i, m in enumerate(summary["path_margins"]) if low <= m < high]
+        if not members:
+            continue
+        cells = [f"{100 * sum(row['same'][i] for i in members) / len(members):.0f}%" for row in exports]
+        label = f">= {low:g}" if high == float("inf") else f"{low:g} - {high:g}"
+        lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"Adapter `{summary['adapter']}` on {summary['records']} records of `{summary['finqa']}`, greedy, up to "
@@ -146,6 +185,8 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {row['export']} | {100 * row['same_program']:.1f}% | {100 * row['same_answer']:.1f}% "
             f"| {row['mean_prefix_tokens']:.1f} | {100 * row['execution_accuracy']:.1f}% | {spread} |"
         )
+    if "path_margins" in summary:
+        lines += _by_margin(summary)
     return "\n".join(lines) + "\n"
 
 
