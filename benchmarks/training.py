@@ -6,8 +6,8 @@ bare PEFT loop on the same batches.
         --only lora-r4 lora-r16 lora-r64 qlora-r16 full                                # the methods alone, longer
 
 Every run is its own process (so peak RSS is that run's), one torch thread unless --threads, same data, seed and
-steps. Writes
-`<out>/results.json`, `<out>/training.md` and `<out>/memory.png`; `benchmarks/training.md` quotes them.
+steps. Writes `<out>/results.json`, `<out>/training.md` and `<out>/memory.png` (where memory runs were made);
+`benchmarks/training.md` quotes them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ log = logging.getLogger("benchmarks.training")
 
 DATA = "../shared/data/finqa/train.json"
 DEV = "../shared/data/finqa/dev.json:0:300"
+GIB = 2**30
 COMMON = ["--data", DATA, "--batch-size", "4", "--grad-accum", "1", "--save-every", "0", "--seed", "0"]
 # name -> extra flags; adapters take a 10x larger learning rate than full fine-tuning, as usual.
 VARIANTS: dict[str, list[str]] = {
@@ -166,7 +167,6 @@ def plot_memory(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    gib = 2**30
     lines = [
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results.get('threads', 1)} torch thread(s) per run, fp32.",
@@ -180,7 +180,7 @@ def markdown(results: dict[str, Any]) -> str:
         trainable = r["method"] if r["rank"] is None else f"{r['method']} r{r['rank']}"
         lines.append(
             f"| {r['name']} | {trainable} "
-            f"| {r['peak_rss_bytes'] / gib:.2f} GiB | {r['tokens_per_second']:.0f} | {r['wall_seconds'] / 60:.1f} min "
+            f"| {r['peak_rss_bytes'] / GIB:.2f} GiB | {r['tokens_per_second']:.0f} | {r['wall_seconds'] / 60:.1f} min "
             f"| {r['final_loss']:.3f} | {r['dev_loss']:.3f} | {100 * r['dev_accuracy']:.1f}% of {r['dev_examples']} "
             f"| {r['adapter_bytes'] / 1e6:.1f} MB |"
         )
@@ -192,21 +192,19 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _throughput_lines(ours: dict[str, Any], bare: dict[str, Any]) -> list[str]:
-    gib = 2**30
     return [
         "",
         "### Throughput: `adaptserve train` vs a bare PEFT loop on the same batches (LoRA r16)",
         "",
         "| loop | tokens/s | peak RSS |",
         "|---|---|---|",
-        f"| adaptserve train | {ours['tokens_per_second']:.0f} | {ours['peak_rss_bytes'] / gib:.2f} GiB |",
-        f"| bare PEFT loop (full logits, HF loss) | {bare['tokens_per_second']:.0f} | {bare['peak_rss_bytes'] / gib:.2f} GiB |",
+        f"| adaptserve train | {ours['tokens_per_second']:.0f} | {ours['peak_rss_bytes'] / GIB:.2f} GiB |",
+        f"| bare PEFT loop (full logits, HF loss) | {bare['tokens_per_second']:.0f} | {bare['peak_rss_bytes'] / GIB:.2f} GiB |",
         f"| ratio | {ours['tokens_per_second'] / bare['tokens_per_second']:.2f}x | |",
     ]
 
 
 def _memory_lines(runs: list[dict[str, Any]]) -> list[str]:
-    gib = 2**30
     lines = [
         "",
         "### Memory: batch 4 x 512 tokens",
@@ -217,7 +215,7 @@ def _memory_lines(runs: list[dict[str, Any]]) -> list[str]:
     for r in runs:
         history = r["memory_history"]
         lines.append(
-            f"| {r['name']} | {r['peak_rss_bytes'] / gib:.2f} GiB | {history[0] / gib:.2f} -> {history[-1] / gib:.2f} GiB "
+            f"| {r['name']} | {r['peak_rss_bytes'] / GIB:.2f} GiB | {history[0] / GIB:.2f} -> {history[-1] / GIB:.2f} GiB "
             f"| {r['tokens_per_second']:.0f} |"
         )
     return lines
