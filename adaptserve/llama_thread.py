@@ -18,25 +18,28 @@ instead of 88-94), the load client running on the same two cores.
 Every Llama here computes a row of a batch the same way however many rows share the call, so a sequence's output
 does not depend on how many others decode beside it. llama.cpp's CPU backend breaks that in two ways, both turned
 off here: it would repack Q4_0, Q4_K, Q8_0 and IQ4_NL weights for kernels that compute a row differently once
-four or more rows share a call (see `_without_repacking`), and it multiplies K-quant weights (Q4_K, Q6_K, ...) with
+four or more rows share a call (see `_without_extra_buffers`), and it multiplies K-quant weights (Q4_K, Q6_K, ...) with
 a tiled kernel once eight or more rows do (`GGML_CPU_TILED_MM`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import functools
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import llama_cpp
+import llama_cpp._ggml
 import psutil
+
+from adaptserve.models import ModelSpec
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -48,9 +51,21 @@ T = TypeVar("T")
 # faster, one sequence alike; Q4_1 never takes that kernel. A value already in the environment wins.
 os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
+
+def _load_backends() -> None:
+    """A portable build (GGML_BACKEND_DL, as in the Dockerfile) has no CPU backend until one is loaded, and
+    llama-cpp-python never loads one (its issue #2069): load the best of the wheel's libggml-cpu-<variant>.so for this CPU."""
+    ggml = llama_cpp._ggml.libggml
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() == 0:  # a native build has its CPU backend built in
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(str(Path(llama_cpp.__file__).parents[1] / "bin").encode())
+
+
+_load_backends()
+
 log = logging.getLogger(__name__)
 _here = threading.local()
-_loading = threading.Lock()
 
 
 class _LlamaThread:
@@ -151,35 +166,38 @@ def n_threads(requested: int | None = None) -> int:
     return min(psutil.cpu_count(logical=False) or allowed, allowed)
 
 
-def load(path: Path | str, threads: int | None, **kwargs: Any) -> llama_cpp.Llama:
+def load(path: Path | str, threads: int | None = None, **kwargs: Any) -> llama_cpp.Llama:
     """A Llama on `path` computing on `n_threads(threads)` threads, prompts and decoding alike; `kwargs` are the
-    Llama's own (n_ctx, n_batch, lora_path, ...)."""
+    Llama's own (n_ctx, n_batch, lora_path, vocab_only, ...). Every llama.cpp model in this project opens here."""
     n = n_threads(threads)
-    with _without_repacking():
-        return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)
 
 
-@contextlib.contextmanager
-def _without_repacking() -> Iterator[None]:
-    """Load with llama.cpp's `use_extra_bufts` off: no repacked CPU copies of the weights.
+def open_model(spec: ModelSpec, threads: int | None = None, **kwargs: Any) -> llama_cpp.Llama:
+    """`load` for a registry entry that llama.cpp runs as it is: a GGUF, with its LoRA GGUF applied if it has one."""
+    return load(spec.path, threads, lora_path=spec.lora, **kwargs)
 
-    With them, the merged adapter's q4_k_m (Q4_K and Q8_0 tensors repacked) gave one sequence logits that moved by up
-    to 0.42 from the step after four or more sequences had decoded together, and greedy FinQA programs changed with
-    the requests beside them (2 of 122 dev prompts). Without them its logits are bit-identical with 0 to 7 sequences
-    beside it, at ~6% slower prompt processing and 2% slower 8-sequence decoding (single-sequence decoding and the
-    base's Q4_1, which is never repacked, unchanged). llama-cpp-python's Llama has no argument for the flag, so the
-    default model parameters it starts from are swapped while it loads.
+
+def gguf_name(spec: ModelSpec) -> str:
+    """The file(s) `open_model` reads, as reports name them."""
+    return spec.path.name + (f" + {Path(spec.lora).name}" if spec.lora else "")
+
+
+def _without_extra_buffers() -> llama_cpp.llama_model_params:
+    """llama.cpp's default model parameters with `use_extra_bufts` off: weights stay as the GGUF stores them.
+
+    The extra buffer types are CPU copies of the weights for special kernels: repacked Q4_0/Q4_K/Q8_0/IQ4_NL for
+    AVX2/AVX-512, and on CPUs with AMX the AMX tiles. Off, for two reasons. The repacked kernels compute a row
+    differently once four or more rows share a call, so a sequence's output would depend on its neighbours
+    (benchmarks/serving.md). And the AMX buffer crashes the process: on a Xeon with AMX, a plain `Llama(...)` on
+    SmolLM2's Q4_1 segfaults in `ggml_backend_amx_mul_mat` (docs/cpus.md has the reproduction).
     """
-    default = llama_cpp.llama_cpp.llama_model_default_params
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
 
-    def params() -> llama_cpp.llama_model_params:
-        p = default()
-        p.use_extra_bufts = False
-        return p
 
-    with _loading:
-        llama_cpp.llama_cpp.llama_model_default_params = params  # what llama_cpp.Llama calls
-        try:
-            yield
-        finally:
-            llama_cpp.llama_cpp.llama_model_default_params = default
+# llama_cpp.Llama reads its model parameters from this function: replacing it here makes the policy hold for every
+# Llama in a process that imported this module, llama-cpp-python's own server included (benchmarks/peer.py).
+_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+llama_cpp.llama_cpp.llama_model_default_params = _without_extra_buffers

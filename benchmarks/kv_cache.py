@@ -29,7 +29,7 @@ import psutil
 
 from adaptserve import llama_thread
 from adaptserve.bench.run import machine_info
-from adaptserve.bench.speed import served_gguf
+from adaptserve.bench.speed import served_model
 from adaptserve.models import default_models
 from adaptserve.serve.app import ServeConfig
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS
@@ -78,7 +78,7 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        llm = llama_thread.load(served_gguf(name, ServeConfig.adapter_quant, args.threads), args.threads, n_ctx=256)
+        llm = llama_thread.open_model(served_model(name, ServeConfig.adapter_quant, args.threads), args.threads, n_ctx=256)
         long_prompt = llm.tokenize(TEXT * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
         runs: dict[str, list[dict[str, float]]] = {kv: [] for kv in KV_CACHE_TYPES}
         for _ in range(args.rounds):

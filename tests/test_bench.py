@@ -14,12 +14,14 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from adaptserve import llama_thread
 from adaptserve.bench import BenchConfig, BenchError, bench
 from adaptserve.bench.overlap import corpus_bleu, scores
 from adaptserve.bench.perplexity import chunks
 from adaptserve.bench.prompts import Answer, summarize
-from adaptserve.bench.speed import served_gguf
+from adaptserve.bench.speed import served_model
 from adaptserve.serve.kvslots import kv_cache_kwargs
+from tests.conftest import free_port
 
 # 163 SmolLM2 tokens: two 64-token chunks and a partial one that llama-perplexity drops
 TEXT = (
@@ -162,16 +164,7 @@ def direct_perplexity(gguf: Path, text: str, n_ctx: int, kv_cache: str) -> tuple
     Llama.eval with the logits of every position kept (K/V stored as `kv_cache`), each scored token's log-probability
     from its own log-sum-exp, the uncertainty from numpy's population standard deviation:
     exp(mean) +/- exp(mean) * std / sqrt(n - 1)."""
-    llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_threads=1,
-        n_threads_batch=1,
-        logits_all=True,
-        verbose=False,
-        **kv_cache_kwargs(kv_cache),
-    )
+    llm = llama_thread.load(gguf, 1, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, **kv_cache_kwargs(kv_cache))
     tokens = llm.tokenize(text.encode(), add_bos=True)
     nll = []
     for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
@@ -195,7 +188,7 @@ def test_perplexity_is_llama_perplexity(results: tuple[dict, Path]) -> None:
     for row in rows.values():
         assert (row["chunks"], row["n_ctx"], row["tokens_scored"]) == (2, 64, 2 * 31)  # 64 - 64/2 - 1 scored per chunk
         assert 1 < row["ppl"] < math.inf and 0 < row["error"] < row["ppl"] and row["seconds"] > 0
-    ppl, error, count = direct_perplexity(served_gguf("smollm2-135m", "q4_k_m", 1), TEXT, 64, data["config"]["kv_cache"])
+    ppl, error, count = direct_perplexity(served_model("smollm2-135m", "q4_k_m", 1).path, TEXT, 64, data["config"]["kv_cache"])
     assert count == rows["smollm2-135m"]["tokens_scored"]
     assert rows["smollm2-135m"]["ppl"] == pytest.approx(ppl, abs=1e-4)  # results keep llama.cpp's 4 and 5 decimals
     assert rows["smollm2-135m"]["error"] == pytest.approx(error, abs=1e-5)
@@ -243,3 +236,25 @@ def test_reference_scores_are_null_without_references() -> None:
         "rouge_l": None,
         "bleu": None,
     }
+
+
+def test_a_server_that_stops_answering_is_reported_not_fatal(tmp_path: Path) -> None:
+    """`--url` against a server that crashed (here: nothing listens): the run ends, and reports it with the reason."""
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(PROMPTS[2]) + "\n", encoding="utf-8")
+    config = BenchConfig(
+        models=["smollm2-135m"],
+        url=f"http://127.0.0.1:{free_port()}",
+        accuracy=False,
+        prompts=str(tmp_path / "prompts.jsonl"),
+        concurrency=[1],
+        requests=1,
+        max_tokens=4,
+        pp=16,
+        tg=4,
+        repeats=1,
+        threads=1,
+        out=str(tmp_path),
+    )
+    data = bench(config)
+    assert [f["backend"] for f in data["failed"]] == ["url"] and "ConnectError" in data["failed"][0]["reason"]
+    assert data["load"] == [] and "stopped answering" in (tmp_path / "report.md").read_text()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from adaptserve import llama_thread
-from adaptserve.export import ensure_gguf
+from adaptserve.export import served
 from adaptserve.models import resolve
 from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
 from adaptserve.serve.kvslots import MAX_FILLED_GAP, Feed, KVSlots, common_prefix
@@ -130,10 +130,8 @@ def batched() -> Iterator[LlamaCppEngine]:
 
 
 def _adapter_engine(kv_cache: str) -> LlamaCppEngine:
-    gguf = ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m")
-    return LlamaCppEngine(
-        resolve(str(gguf)), n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32, kv_cache=kv_cache
-    )
+    spec = served(resolve("smollm2-135m-finqa"), "q4_k_m")
+    return LlamaCppEngine(spec, n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32, kv_cache=kv_cache)
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +265,7 @@ def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(m
     """What lets the 8-bit cache reuse a prefix of any length (kvslots.py): a 200-token prompt decoded in 64-token
     calls, and cut after 1, 30 or 63 tokens, or with one-token calls in it, gives bit-identical logits and the same
     greedy continuation (with an f16 cache the one-token calls moved the logits by up to 1.06)."""
-    path = resolve(model).path if model == "smollm2-135m" else ensure_gguf(resolve(model).path, "q4_k_m")
-    llm = llama_thread.load(path, 2, n_ctx=64)
+    llm = llama_thread.open_model(served(resolve(model), "q4_k_m"), 2, n_ctx=64)
     slots = KVSlots(llm, 1, n_ctx=512, max_batch=64, kv_cache="q8_0")
     prompt = llm.tokenize(b"Net revenue was $5,829 million in 2015 against $5,735 million in 2014. " * 12)[:200]
     (slot,) = slots.slots
@@ -306,7 +303,7 @@ def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache
     other prompts, such as the 1-repeat one, neither kernel's rounding happened to reach the logits). The 8-bit
     cache computes attention with flash attention, which with an f16 cache changes a row's numbers once its
     sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; kvslots.py)."""
-    llm = llama_thread.load(ensure_gguf(resolve("smollm2-135m-finqa").path, "q4_k_m"), 2, n_ctx=64)
+    llm = llama_thread.open_model(served(resolve("smollm2-135m-finqa"), "q4_k_m"), 2, n_ctx=64)
     slots = KVSlots(llm, 8, n_ctx=1024, max_batch=64, kv_cache=kv_cache)
     prompt = llm.tokenize(b"Revenue rose from 5,735 to 5,829 million dollars in 2019; costs fell by 12%." * repeats)
 
@@ -490,3 +487,18 @@ def test_requests_arriving_together_compute_a_shared_prefix_once(batched: LlamaC
     assert texts == [asyncio.run(batched.complete(p, GREEDY)).text for p in prompts]
     wait_idle(batched)
     assert_kv_matches_slots(batched)
+
+
+def test_a_lora_gguf_applies_to_the_batched_context(batched: LlamaCppEngine) -> None:
+    """KVSlots decodes on a context of its own, on which the LoRA GGUF must be set too: served as `@lora`, the adapter
+    writes a FinQA program where the base writes prose. (Its f16 LoRA products go through llama.cpp's tiled float
+    kernels from two rows on, so unlike the merged form its output may change with its neighbours.)"""
+    engine = LlamaCppEngine(served(resolve("smollm2-135m-finqa@lora"), "q4_k_m"), n_ctx=512, n_threads=2, n_slots=2)
+    question = "what was the percentage change in revenue from 2018 to 2019?\n| | 2019 | 2018 |\n| revenue | 5829 | 5735 |"
+    messages = [{"role": "user", "content": question}]
+    try:
+        ours = asyncio.run(engine.complete(engine.chat_prompt(messages), GREEDY)).text
+    finally:
+        engine.close()
+    base = asyncio.run(batched.complete(batched.chat_prompt(messages), GREEDY)).text
+    assert ours.startswith("subtract(") and not base.startswith("subtract("), (ours, base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -11,19 +12,28 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import llama_cpp  # noqa: E402
-
-from adaptserve import finqa  # noqa: E402
-from adaptserve.export import ExportConfig, ExportError, cache, ensure_gguf, export, merge, verify  # noqa: E402
+from adaptserve import finqa, llama_thread  # noqa: E402
+from adaptserve.export import (  # noqa: E402
+    ExportConfig,
+    ExportError,
+    cache,
+    ensure_gguf,
+    export,
+    merge,
+    native,
+    verify,
+)
 from adaptserve.export import gguf as export_gguf  # noqa: E402
 from adaptserve.export.adapter import read_adapter  # noqa: E402
-from adaptserve.models import resolve  # noqa: E402
+from adaptserve.models import ADAPTERS_DIR, LORA_GGUF, PACKAGED_DIR, resolve  # noqa: E402
 from adaptserve.serve.engine import LlamaCppEngine, SamplingParams  # noqa: E402
 
 # A LoRA trained a few steps to answer these with FinQA programs. A trained adapter is confident, as real ones are;
@@ -136,15 +146,42 @@ def test_lora_gguf_applied_by_llama_cpp_matches_the_adapter(exported: Path) -> N
     base = str(resolve("smollm2-135m").path)
     outputs = []
     for adapter in (None, exported / "finqa-lora-lora.gguf"):
-        llm = llama_cpp.Llama(model_path=base, lora_path=adapter and str(adapter), n_ctx=256, n_threads=THREADS, verbose=False)
+        llm = llama_thread.load(base, THREADS, lora_path=adapter and str(adapter), n_ctx=256)
         prompt = f"<|im_start|>user\n{PROMPTS[2]}<|im_end|>\n<|im_start|>assistant\n"
         outputs.append(llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"])  # type: ignore[index]
         llm.close()
     assert outputs[0] != outputs[1] and outputs[1].startswith("add(12, 30")
 
 
+def test_merging_the_lora_gguf_without_torch_gives_the_torch_export(exported: Path, tmp_path: Path) -> None:
+    """export.native merges the adapter's LoRA GGUF into the base's Q4_1 GGUF with numpy: the quantized result holds
+    the very tensors of the torch export (merged into the same dequantized base, converted, quantized)."""
+    f16, merged = tmp_path / "f16.gguf", tmp_path / "q4_k_m.gguf"
+    native.merge_lora(resolve("smollm2-135m").path, exported / "finqa-lora-lora.gguf", f16)
+    native.quantize(f16, merged, "q4_k_m", THREADS)
+    ours, torch_export = (gguf.GGUFReader(p) for p in (merged, exported / "finqa-lora-q4_k_m.gguf"))
+    theirs = {t.name: t for t in torch_export.tensors}
+    assert len(ours.tensors) == len(theirs)
+    for tensor in ours.tensors:
+        other = theirs[tensor.name]
+        assert tensor.tensor_type == other.tensor_type and np.array_equal(tensor.data, other.data), tensor.name
+
+
+def test_the_packaged_adapter_is_the_export_of_the_repository_adapter() -> None:
+    """The LoRA GGUF the package serves from was exported from the PEFT weights in adapters/ (provenance.json)."""
+    packaged = PACKAGED_DIR / "smollm2-135m-finqa"
+    provenance = json.loads((packaged / "provenance.json").read_text())
+    sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+    for name, digest in provenance["source_files_sha256"].items():
+        assert sha(ADAPTERS_DIR / "smollm2-135m-finqa" / name) == digest, name
+    assert sha(packaged / LORA_GGUF) == provenance["adapter_gguf_sha256"]
+    assert (packaged / "adapter_config.json").read_bytes() == (
+        ADAPTERS_DIR / "smollm2-135m-finqa" / "adapter_config.json"
+    ).read_bytes()
+
+
 def test_gguf_serves_chat_with_the_base_template(exported: Path) -> None:
-    base = llama_cpp.Llama(model_path=str(resolve("smollm2-135m").path), vocab_only=True, verbose=False)
+    base = llama_thread.load(resolve("smollm2-135m").path, vocab_only=True)
     template = base.metadata["tokenizer.chat_template"]
     base.close()
     from transformers import AutoTokenizer

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 
 
+class ServerGone(ConnectionError):
+    """The server under test stopped accepting connections (crashed, killed): a run reports it and keeps what it had
+    measured."""
+
+
 @dataclass(frozen=True)
 class RequestResult:
     status: int

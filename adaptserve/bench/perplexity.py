@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from adaptserve import llama_thread
 from adaptserve.bench.config import BenchError
+from adaptserve.models import ModelSpec
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
 
@@ -68,14 +68,14 @@ def estimate(nll: np.ndarray) -> tuple[float, float]:
 
 def perplexity(
     model: str,
-    path: Path,
+    spec: ModelSpec,
     text: bytes,
     n_ctx: int,
     threads: int | None,
     max_chunks: int | None = None,
     kv_cache: str = DEFAULT_KV_CACHE,
 ) -> Perplexity:
-    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=n_ctx, **kv_cache_kwargs(kv_cache))
+    llm = llama_thread.open_model(spec, threads, n_ctx=n_ctx, n_batch=n_ctx, **kv_cache_kwargs(kv_cache))
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
     try:
         tokens = llm.tokenize(text, add_bos=True, special=False)  # = llama.cpp's common_tokenize(ctx, text, true)
@@ -103,7 +103,7 @@ def perplexity(
     ppl, error = estimate(scored)
     return Perplexity(
         model=model,
-        gguf=path.name,
+        gguf=llama_thread.gguf_name(spec),
         ppl=round(ppl, 4),
         error=round(error, 5),
         tokens_scored=len(scored),

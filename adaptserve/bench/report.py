@@ -93,6 +93,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "Skipped: " + "; ".join(f"{s['model']} on {s['backend']} ({s['reason']})" for s in results["skipped"]) + ".",
         ]
+    for failed in results["failed"]:
+        lines += ["", f"Failed: the {failed['backend']} server at {failed['url']} stopped answering ({failed['reason']})."]
     for server in results["servers"]:
         rss = server["peak_rss_bytes"]
         memory = f", peak RSS {rss / 2**20:.0f} MiB" if rss else ""

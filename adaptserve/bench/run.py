@@ -16,16 +16,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
 from adaptserve import finqa
 from adaptserve.bench import report
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.bench.config import GPU_BACKENDS, LLAMA_CPP, PRECISION, BenchConfig, BenchError, variant
-from adaptserve.bench.load import Message, run_level, start_server
+from adaptserve.bench.load import Message, ServerGone, run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
-from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_gguf
+from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_model
 from adaptserve.models import resolve
 from adaptserve.serve.app import ModelPool, ServeConfig
 from adaptserve.serve.metrics import Metrics
@@ -51,7 +52,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
     results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
     results["skipped"] = skipped
-    results["prompts"], results["overhead"], results["load"], results["servers"] = [], [], [], []
+    results["prompts"], results["overhead"], results["load"], results["servers"], results["failed"] = [], [], [], [], []
     for backend in ["url"] if config.url else backends:
         _over_http(config, backend, prompts, chats, out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -83,24 +84,10 @@ def _over_http(
     server = None if config.url else start_server(config.models, config.threads, log_path, options)
     url = config.url or server.url  # type: ignore[union-attr]
     try:
-        for model in config.models:
-            answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
-            _write_jsonl(out / f"prompts-{variant(model, backend)}.jsonl", answers)
-            results["prompts"].append({**summarize(model, answers), "backend": backend})
-            if backend in (LLAMA_CPP, "url") and results["speed"]:
-                results["overhead"].append(_overhead(config, url, model, chats, results["speed"]))
-            for level in config.concurrency:
-                requests = max(config.requests, level)
-                result, _ = asyncio.run(run_level(url, model, chats, level, requests, config.max_tokens))
-                log.info(
-                    "%s on %s x%d: %.1f tokens/s, p95 TTFT %.3fs",
-                    model,
-                    backend,
-                    level,
-                    result.tokens_per_second,
-                    result.ttft.get("p95", 0),
-                )
-                results["load"].append({**dataclasses.asdict(result), "backend": backend})
+        _measure_http(config, backend, url, prompts, chats, out, results)
+    except (httpx.TransportError, ServerGone) as err:  # the server went away: report it, keep what was measured
+        log.error("the %s server at %s stopped answering: %s", backend, url, err)
+        results["failed"].append({"backend": backend, "url": url, "reason": f"{type(err).__name__}: {err}"})
     finally:
         if server is not None:
             results["servers"].append(
@@ -112,6 +99,36 @@ def _over_http(
                 }
             )
             server.stop()
+
+
+def _measure_http(
+    config: BenchConfig,
+    backend: str,
+    url: str,
+    prompts: list[EvalPrompt],
+    chats: list[list[Message]],
+    out: Path,
+    results: dict[str, Any],
+) -> None:
+    """The prompt set, HTTP / direct and the load levels for every model, against the server at `url`."""
+    for model in config.models:
+        answers = answer_all(url, model, prompts, config.max_tokens)  # also the warm-up of the load levels
+        _write_jsonl(out / f"prompts-{variant(model, backend)}.jsonl", answers)
+        results["prompts"].append({**summarize(model, answers), "backend": backend})
+        if backend in (LLAMA_CPP, "url") and results["speed"]:
+            results["overhead"].append(_overhead(config, url, model, chats, results["speed"]))
+        for level in config.concurrency:
+            requests = max(config.requests, level)
+            result, _ = asyncio.run(run_level(url, model, chats, level, requests, config.max_tokens))
+            log.info(
+                "%s on %s x%d: %.1f tokens/s, p95 TTFT %.3fs",
+                model,
+                backend,
+                level,
+                result.tokens_per_second,
+                result.ttft.get("p95", 0),
+            )
+            results["load"].append({**dataclasses.asdict(result), "backend": backend})
 
 
 def _finqa_records(config: BenchConfig) -> list[finqa.FinQARecord]:
@@ -151,8 +168,8 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
         raise BenchError(f"ppl {source}: {err}") from err
     rows = []
     for model in config.models:
-        path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        rows.append(perplexity(model, path, text, config.ppl_ctx, config.threads, config.ppl_chunks, config.kv_cache))
+        spec = served_model(model, ServeConfig.adapter_quant, config.threads)
+        rows.append(perplexity(model, spec, text, config.ppl_ctx, config.threads, config.ppl_chunks, config.kv_cache))
         log.info("%s: PPL = %.4f +/- %.5f over %d tokens", model, rows[-1].ppl, rows[-1].error, rows[-1].tokens_scored)
     return rows
 
@@ -160,8 +177,8 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
 def _speed(config: BenchConfig) -> list[Speed]:
     rows = []
     for model in tqdm(config.models, desc="pp/tg", unit="model"):
-        path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
-        speed = llama_bench(model, path, config.threads, config.pp, config.tg, config.repeats, config.kv_cache)
+        spec = served_model(model, ServeConfig.adapter_quant, config.threads)
+        speed = llama_bench(model, spec, config.threads, config.pp, config.tg, config.repeats, config.kv_cache)
         rows.append(speed)
         log.info(
             "%s: pp%d %.0f tokens/s, tg%d %.1f tokens/s",
@@ -181,9 +198,9 @@ def _overhead(
     conversations (`ratio`: what the server costs over the library used directly), paired request by request, and
     against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
     single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
-    path = served_gguf(model, ServeConfig.adapter_quant, config.threads)
+    spec = served_model(model, ServeConfig.adapter_quant, config.threads)
     n_ctx = ServeConfig.n_ctx
-    paired = http_vs_direct(url, model, path, config.threads, single_client, config.max_tokens, n_ctx, config.kv_cache)
+    paired = http_vs_direct(url, model, spec, config.threads, single_client, config.max_tokens, n_ctx, config.kv_cache)
     log.info(
         "%s: HTTP %.1f tokens/s, direct %.1f, ratio %.3f",
         model,

@@ -12,14 +12,13 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import llama_cpp
 from tqdm import tqdm
 
 from adaptserve import llama_thread
-from adaptserve.bench.load import Message, percentiles, stream_chat_blocking
-from adaptserve.models import resolve
+from adaptserve.bench.load import Message, ServerGone, percentiles, stream_chat_blocking
+from adaptserve.models import ModelSpec, resolve
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
 
@@ -52,22 +51,18 @@ class Overhead:
     ratio: float  # HTTP over direct
 
 
-def served_gguf(model: str, quant: str, threads: int | None) -> Path:
-    """The GGUF `adaptserve serve` runs for `model`: the file itself, or an adapter's cached merged export
-    (at its @quant, else `quant`)."""
-    spec = resolve(model)
-    if spec.format != "adapter":
-        return spec.path
-    from adaptserve.export import ensure_gguf
+def served_model(model: str, quant: str, threads: int | None) -> ModelSpec:
+    """The GGUF (and LoRA GGUF) `adaptserve serve` runs for `model`, an adapter in its form @quant, else `quant`."""
+    from adaptserve.export import served
 
-    return ensure_gguf(spec.path, spec.quant or quant, threads)
+    return served(resolve(model), quant, threads)
 
 
 def llama_bench(
-    model: str, path: Path, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = DEFAULT_KV_CACHE
+    model: str, spec: ModelSpec, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = DEFAULT_KV_CACHE
 ) -> Speed:
     """pp/tg on random tokens, `repeats` times each, with the K/V cache the server keeps (as llama-bench's -ctk/-ctv/-fa)."""
-    llm = llama_thread.load(path, threads, n_ctx=pp + tg + 8, n_batch=pp, **kv_cache_kwargs(kv_cache))
+    llm = llama_thread.open_model(spec, threads, n_ctx=pp + tg + 8, n_batch=pp, **kv_cache_kwargs(kv_cache))
     try:
         rng = random.Random(0)  # llama-bench also feeds random tokens: speed does not depend on the text
         prompt = [rng.randrange(llm.n_vocab()) for _ in range(pp)]
@@ -78,7 +73,7 @@ def llama_bench(
         llm.close()
     return Speed(
         model=model,
-        gguf=path.name,
+        gguf=llama_thread.gguf_name(spec),
         threads=llm.n_threads,
         pp_tokens=pp,
         pp_tokens_per_second=round(statistics.mean(pp_runs), 2),
@@ -93,16 +88,16 @@ def llama_bench(
 def http_vs_direct(
     url: str,
     model: str,
-    path: Path,
+    spec: ModelSpec,
     threads: int | None,
     chats: Sequence[list[Message]],
     max_tokens: int,
     n_ctx: int,
     kv_cache: str = DEFAULT_KV_CACHE,
 ) -> Overhead:
-    """Each of `chats` greedily, up to `max_tokens`: directly on `path` in an `n_ctx` window with the server's K/V
+    """Each of `chats` greedily, up to `max_tokens`: directly on `spec` in an `n_ctx` window with the server's K/V
     cache type, then from the server at `url` serving it as `model`. Nothing else may run meanwhile."""
-    llm = llama_thread.load(path, threads, n_ctx=n_ctx, n_batch=512, **kv_cache_kwargs(kv_cache))
+    llm = llama_thread.open_model(spec, threads, n_ctx=n_ctx, n_batch=512, **kv_cache_kwargs(kv_cache))
     try:
         llama_thread.run(_direct_chat, llm, chats[0], max_tokens)  # warm-up, excluded
         pairs = _pairs(llm, url, model, chats, max_tokens)
@@ -137,6 +132,8 @@ def _pairs(
     for chat in tqdm(chats, desc=f"{model}: direct vs HTTP", unit="pair"):
         direct = llama_thread.run(_direct_chat, llm, chat, max_tokens)
         http = stream_chat_blocking(url, model, chat, max_tokens)
+        if http.status == 0:  # no HTTP answer at all: the connection failed
+            raise ServerGone(f"{url}: {http.error}")
         if direct is not None and http.tpot is not None:
             pairs.append((direct, _Reply(http.tpot, http.text)))
     return pairs

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from adaptserve.export.cache import ensure_gguf
+from adaptserve.export.cache import ensure_gguf, served
 from adaptserve.export.config import FORMATS, QUANTS, ExportConfig, ExportError
 
 if TYPE_CHECKING:
     from adaptserve.export.pipeline import ExportReport
 
-__all__ = ["FORMATS", "QUANTS", "ExportConfig", "ExportError", "ensure_gguf", "export"]
+__all__ = ["FORMATS", "QUANTS", "ExportConfig", "ExportError", "ensure_gguf", "export", "served"]
 
 
 def export(config: ExportConfig) -> ExportReport:

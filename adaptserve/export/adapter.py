@@ -30,16 +30,25 @@ class Adapter:
     shapes: dict[str, tuple[int, ...]]  # tensor name in the safetensors file -> shape
 
 
-def read_adapter(path: Path) -> Adapter:
-    """Check the adapter's files are there and readable; a truncated or corrupt file fails here, not mid-export."""
+def read_adapter(path: Path, weights: bool = True) -> Adapter:
+    """Check the adapter's files are there and readable; a truncated or corrupt file fails here, not mid-export.
+    `weights=False` reads the config and the recorded base only (no shapes): what serving a LoRA GGUF needs."""
     if not (path / ADAPTER_CONFIG).is_file():
         raise ExportError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
     config = _read_json(path / ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA":
         raise ExportError(f"{path}: only LoRA adapters can be exported, this one is {config.get('peft_type')!r}")
-    weights = path / ADAPTER_WEIGHTS
+    report = path / TRAIN_REPORT
+    recorded = (_read_json(report).get("base_model") if report.is_file() else None) or config.get("base_model_name_or_path")
+    return Adapter(path, recorded, _shapes(path / ADAPTER_WEIGHTS) if weights else {})
+
+
+def _shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     if not weights.is_file():
-        raise ExportError(f"{path}: adapter weights {ADAPTER_WEIGHTS} are missing")
+        raise ExportError(
+            f"{weights.parent}: adapter weights {ADAPTER_WEIGHTS} are missing (an installed package carries a shipped "
+            "adapter's LoRA GGUF only: serve it as @lora, or export from a repository checkout)"
+        )
     try:  # the header lists every tensor's byte range, so a truncated file fails to open
         with safe_open(str(weights), framework="numpy") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -47,9 +56,7 @@ def read_adapter(path: Path) -> Adapter:
         raise ExportError(f"{weights}: unreadable, truncated or corrupt ({err})") from err
     if not any(LORA_KEY.match(key) for key in shapes):
         raise ExportError(f"{weights}: holds no LoRA weights")
-    report = path / TRAIN_REPORT
-    recorded = (_read_json(report).get("base_model") if report.is_file() else None) or config.get("base_model_name_or_path")
-    return Adapter(path, recorded, shapes)
+    return shapes
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The server's export cache: an adapter merged into a GGUF once, reused while its inputs are unchanged.
+"""The server's export cache: an adapter exported to a GGUF once (merged, or as a LoRA GGUF), reused while its inputs
+are unchanged; and `served`, the form llama.cpp runs a model in.
 
 A cache hit reads file names, sizes and bytes only: no torch, no transformers (which would add ~200 MB to a
-server that otherwise needs llama.cpp alone). A miss runs the full export (`pipeline.export`).
+server that otherwise needs llama.cpp alone). A miss runs the full export (`pipeline.export`), or for an adapter
+that carries its LoRA GGUF the torch-free merge (`native`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
+from adaptserve.export import native
 from adaptserve.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, read_adapter
 from adaptserve.export.config import ExportConfig, ExportError
-from adaptserve.models import DEFAULT_MODEL, cache_dir, resolve
+from adaptserve.models import DEFAULT_MODEL, ModelSpec, cache_dir, resolve
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +43,55 @@ def default_name(config: ExportConfig) -> str:
     return Path(config.adapter).resolve().name
 
 
+def served(spec: ModelSpec, quant: str, threads: int | None = None) -> ModelSpec:
+    """What llama.cpp runs for `spec`: a GGUF as it is; an adapter in its form `spec.quant`, else `quant`: merged
+    into its base and quantized to that GGUF type, or "lora", the base's GGUF with the adapter's LoRA GGUF applied
+    at load time. An adapter that carries a LoRA GGUF (a shipped one) is merged from it without torch."""
+    if spec.format != "adapter":
+        return spec
+    form = spec.quant or quant
+    if form != "lora" and spec.lora is None:
+        return dataclasses.replace(spec, format="gguf", location=str(ensure_gguf(spec.path, form, threads)))
+    base = resolve(base_ref(ExportConfig(adapter=str(spec.path)), read_adapter(spec.path, weights=False)))
+    if base.format != "gguf":
+        raise ExportError(f"{spec.name}: llama.cpp applies a LoRA GGUF to a GGUF base; {base.name} is {base.format}")
+    lora = Path(spec.lora) if spec.lora else ensure_gguf(spec.path, "lora", threads)
+    if form == "lora":
+        return dataclasses.replace(spec, format="gguf", location=base.location, lora=str(lora))
+    return dataclasses.replace(spec, format="gguf", location=str(merged_from_lora(spec, base, lora, form, threads)), lora=None)
+
+
+def merged_from_lora(spec: ModelSpec, base: ModelSpec, lora: Path, quant: str, threads: int | None) -> Path:
+    """`base` with the LoRA GGUF `lora` merged in and quantized to `quant` (export.native, no torch), made once and
+    cached under the inputs' fingerprint; the file appears by an atomic rename, so its presence means it is whole."""
+    name = spec.name.split("@")[0]
+    digest = hashlib.sha256(f"lora-merge\n{quant}\n{_base_identity(base.name)}\n".encode())
+    digest.update(lora.read_bytes())
+    out = cache_dir() / "exports" / f"{name}-{digest.hexdigest()[:16]}"
+    path = out / f"{name}-{quant}.gguf"
+    if path.is_file():
+        log.info("using cached export %s", path)
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        f16 = Path(tmp) / "f16.gguf"
+        native.merge_lora(base.path, lora, f16)
+        staged = f16 if quant == "f16" else Path(tmp) / f"{quant}.gguf"
+        if quant != "f16":
+            native.quantize(f16, staged, quant, threads)
+        os.replace(staged, path)
+    log.info("merged %s into %s as %s: %s", lora.name, base.name, quant, path)
+    return path
+
+
 def ensure_gguf(adapter_dir: str | Path, quant: str = "q4_k_m", threads: int | None = None) -> Path:
-    """A merged GGUF of the adapter, exported into the cache on first use and reused while the adapter files,
-    the base and the quant are unchanged (they name the cache entry)."""
-    config = ExportConfig(adapter=str(adapter_dir), formats=["gguf"], quants=[quant], threads=threads)
+    """A GGUF of the adapter, exported into the cache on first use and reused while the adapter files, the base and
+    the quant are unchanged (they name the cache entry): merged into its base and quantized to `quant`, or for
+    "lora" the adapter alone as a LoRA GGUF."""
+    if quant == "lora":
+        config = ExportConfig(adapter=str(adapter_dir), formats=["lora-gguf"], threads=threads)
+    else:
+        config = ExportConfig(adapter=str(adapter_dir), formats=["gguf"], quants=[quant], threads=threads)
     config.validate()
     adapter = read_adapter(Path(config.adapter))
     base, name = base_ref(config, adapter), default_name(config)

@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaptserve.models import ADAPTER_QUANTS as QUANTS
+from adaptserve.models import MERGED_QUANTS as QUANTS
 
 FORMATS = ("hf", "gguf", "bnb4", "lora-gguf")
 

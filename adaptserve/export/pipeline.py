@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptserve import finqa
-from adaptserve.export import gguf, merge, verify
+from adaptserve.export import gguf, merge, native, verify
 from adaptserve.export.adapter import read_adapter
 from adaptserve.export.cache import REPORT, base_ref, default_name
 from adaptserve.export.config import ExportConfig
@@ -161,7 +161,7 @@ def _gguf_artifacts(
         path = stage / f"{name}-{quant}.gguf"
         if quant != "f16":
             tick = time.perf_counter()
-            gguf.quantize(f16, path, quant, config.threads)
+            native.quantize(f16, path, quant, config.threads)
             seconds[quant] = time.perf_counter() - tick
         gguf.check_gguf(path, chat_template, eos)
         artifact = ArtifactReport("gguf", quant, str(out / path.name), _size(path), seconds[quant])

@@ -2,9 +2,12 @@
 
 A reference is one of
 - a built-in name (`smollm2-135m`, `gemma3-270m`), shipped offline inside PyPI packages;
-- a shipped adapter (`smollm2-135m-finqa`, in the repo's `adapters/`) or any local PEFT adapter directory: served
-  merged into its base (see `adaptserve.export.ensure_gguf`); a suffix picks the GGUF type it is merged to
-  (`smollm2-135m-finqa@q8_0`), so one server or bench run can put several exports side by side;
+- a shipped adapter (`smollm2-135m-finqa`) or any local PEFT adapter directory. llama.cpp serves an adapter merged
+  into its base and quantized to a GGUF type, or as its LoRA GGUF applied to the base's GGUF at load time (`lora`;
+  see `adaptserve.export.served`); a suffix picks the form (`smollm2-135m-finqa@q8_0`), so one server or bench run
+  can put several side by side. A shipped adapter's LoRA GGUF travels inside this package (`models/adapters/<name>/`),
+  so serving it needs neither torch nor the repository; its PEFT weights, which `adaptserve export` and the
+  transformers backend need, are in the repository's `adapters/<name>/`;
 - a local `.gguf` file, or a local directory holding one `.gguf`;
 - a local Hugging Face directory (has `config.json`);
 - a Hugging Face hub id (`org/name`), for real users with a network; never needed offline.
@@ -26,7 +29,8 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 ModelFormat = Literal["gguf", "hf", "hub", "adapter"]
-ADAPTER_QUANTS = ("f16", "q8_0", "q4_k_m")  # GGUF types an adapter can be merged and exported to
+MERGED_QUANTS = ("f16", "q8_0", "q4_k_m")  # GGUF types an adapter can be merged and exported to
+ADAPTER_QUANTS = ("lora", *MERGED_QUANTS)  # how llama.cpp can serve an adapter: unmerged, or merged to one of those
 
 
 class UnknownModelError(ValueError):
@@ -39,7 +43,8 @@ class ModelSpec:
     format: ModelFormat
     location: str  # a file (gguf), a directory (hf, adapter) or a hub id (hub)
     description: str = ""
-    quant: str | None = None  # an adapter's GGUF type when named with @quant; None: the server's default
+    quant: str | None = None  # an adapter's served form when named with @quant; None: the server's default
+    lora: str | None = None  # a LoRA GGUF for llama.cpp to apply to the GGUF at `location` (a shipped adapter's own)
 
     @property
     def path(self) -> Path:
@@ -81,9 +86,12 @@ BUILTINS: dict[str, _Builtin] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
-# Adapters trained by `adaptserve train` and committed with the repo (small LoRA weights, not merged models).
+# Adapters trained by `adaptserve train`. The package carries each one's LoRA GGUF, PEFT config and training report
+# (PACKAGED_DIR/<name>/); a repository checkout also has its PEFT weights (ADAPTERS_DIR/<name>/).
 ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters"
-SHIPPED_ADAPTERS = {"smollm2-135m-finqa": "smollm2-135m + LoRA trained on FinQA programs (adapters/smollm2-135m-finqa)"}
+PACKAGED_DIR = Path(__file__).resolve().parent / "adapters"
+LORA_GGUF = "adapter.gguf"  # a packaged adapter's LoRA GGUF, as `adaptserve export --formats lora-gguf` writes it
+SHIPPED_ADAPTERS = {"smollm2-135m-finqa": "smollm2-135m + LoRA trained on FinQA programs"}
 
 
 def default_models() -> list[str]:
@@ -92,7 +100,14 @@ def default_models() -> list[str]:
 
 
 def _shipped(name: str) -> bool:
-    return name in SHIPPED_ADAPTERS and (ADAPTERS_DIR / name / "adapter_config.json").is_file()
+    return name in SHIPPED_ADAPTERS and (PACKAGED_DIR / name / LORA_GGUF).is_file()
+
+
+def _shipped_spec(name: str) -> ModelSpec:
+    """The repository's PEFT directory where there is one (merged exports need its weights), else the packaged one."""
+    peft = ADAPTERS_DIR / name
+    location = peft if (peft / "adapter_model.safetensors").is_file() else PACKAGED_DIR / name
+    return ModelSpec(name, "adapter", str(location), SHIPPED_ADAPTERS[name], lora=str(PACKAGED_DIR / name / LORA_GGUF))
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -124,13 +139,13 @@ def resolve(ref: str) -> ModelSpec:
     if adapter and quant in ADAPTER_QUANTS:
         spec = resolve(adapter)
         if spec.format != "adapter":
-            raise UnknownModelError(f"{ref}: only an adapter takes @{quant} (it picks the GGUF type it is merged to)")
+            raise UnknownModelError(f"{ref}: only an adapter takes @{quant} (it picks the form llama.cpp serves it in)")
         return dataclasses.replace(spec, name=ref, quant=quant)
     if ref in BUILTINS:
         builtin = BUILTINS[ref]
         return ModelSpec(ref, "gguf", str(builtin.locate()), builtin.description)
     if _shipped(ref):
-        return ModelSpec(ref, "adapter", str(ADAPTERS_DIR / ref), SHIPPED_ADAPTERS[ref])
+        return _shipped_spec(ref)
     path = Path(ref).expanduser()
     if path.exists():
         spec = _spec_for_path(ref, path)

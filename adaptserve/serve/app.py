@@ -97,7 +97,15 @@ class ServeConfig:
         },
     )
     ui: bool = True
-    adapter_quant: str = "q4_k_m"  # GGUF type adapters are merged and quantized to for serving
+    adapter_quant: str = field(
+        default="q4_k_m",
+        metadata={
+            "help": "how llama.cpp serves an adapter: merged into its base and quantized to f16, q8_0 or q4_k_m "
+            "(once, then cached), or lora: its LoRA GGUF applied to the base's GGUF at load time (no merge; a "
+            "request's output then depends on what it is batched with). One adapter can pick its own with a "
+            "suffix: name@q8_0"
+        },
+    )
     backend: str = "auto"  # auto: transformers (4-bit NF4, adapters unmerged) with CUDA, llama.cpp without
     adapter_dir: list[str] = field(default_factory=list)  # where POST /admin/adapters may load adapters from
     precision: str = "auto"  # transformers backend: nf4, bf16 or fp32; auto: nf4 on CUDA, bf16 or fp32 on CPU
@@ -218,14 +226,13 @@ class ModelPool:
             self.metrics.watch_engine(spec.name, engine)
 
     def _runnable(self, spec: ModelSpec) -> ModelSpec:
-        """An adapter is served merged into its base, as a GGUF exported once and cached (see export.ensure_gguf)."""
+        """An adapter is served on its base's GGUF as a LoRA GGUF, or merged into it (see export.served)."""
         if spec.format != "adapter":
             return spec
-        from adaptserve.export import ensure_gguf
+        from adaptserve.export import served
 
         self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
-        gguf = ensure_gguf(spec.path, spec.quant or self.config.adapter_quant, self.config.n_threads)
-        return dataclasses.replace(spec, format="gguf", location=str(gguf))
+        return served(spec, self.config.adapter_quant, self.config.n_threads)
 
     def _load_hf(self, spec: ModelSpec) -> None:
         """A base, or an adapter on the base it records: N adapters of a base cost that base once in memory."""

@@ -318,7 +318,7 @@ class LlamaCppEngine:
         # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
         # so the Llama's own context is left at the smallest size. Prefill and decode use the same threads: one per
         # physical core unless told (llama-cpp-python's defaults decode on half the logical CPUs).
-        self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX)
+        self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX, lora_path=spec.lora)
         self.n_threads: int = self.llm.n_threads
         self.prefill_chunk = prefill_chunk
         self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
@@ -335,7 +335,7 @@ class LlamaCppEngine:
         log.info(
             "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot kv_cache=%s prefill_chunk=%d chat_template=%s",
             self.name,
-            spec.location,
+            llama_thread.gguf_name(spec),
             self.n_threads,
             n_slots,
             self.n_ctx,

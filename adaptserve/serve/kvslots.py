@@ -49,6 +49,7 @@ prefix (a shared system prompt or FinQA exemplars still in use by a running requ
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -124,6 +125,10 @@ class KVSlots:
         self.cut_anywhere = kv_cache != "f16"  # a prompt's K/V is the same however its calls cut it (module docstring)
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        if llm._lora_adapter is not None:  # a LoRA GGUF applies per context: this one too, at the Llama's scale
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale)) != 0:
+                raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {llm.lora_path}")
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
         self.n_vocab = llm.n_vocab()
         self._batch = _internals.LlamaBatch(n_tokens=max_batch, embd=0, n_seq_max=1, verbose=False)
