@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/peer.py --out benchmarks/results/peer      # ~10 min on 2 cores; nothing else running
 
-Both servers are started the same way (a fresh process on a loopback port, timed to its first answer) and measured
+Both servers are started the same way (a fresh process on a loopback port, timed to its first answer; the peer with
+llama.cpp's extra buffer types off, as adaptserve loads models, see `PEER`) and measured
 by the same `adaptserve bench --url` run: streamed chat at each concurrency level, and the llama-bench style direct
 speed of the GGUF for the HTTP/direct ratio. Also recorded: peak RSS of each server process, and the status each
 answers to a malformed JSON body (a client error should be a 4xx, not a 500). Needs the `peer` extra
@@ -30,10 +31,15 @@ log = logging.getLogger("benchmarks.peer")
 MODEL = "smollm2-135m"
 
 
+# llama_cpp.server constructs its Llama itself: run it in a process that imported adaptserve's loader, which keeps
+# llama.cpp's extra buffer types off for every Llama there (docs/cpus.md: the AMX one crashes on Xeons that have it).
+PEER = "import adaptserve.llama_thread, runpy; runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+
+
 def start_peer(threads: int, log_path: Path, interrupt: bool) -> Server:
     port = free_port()
     cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(resolve(MODEL).path), "--model_alias", MODEL,
+        sys.executable, "-c", PEER, "--model", str(resolve(MODEL).path), "--model_alias", MODEL,
         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
         "--host", "127.0.0.1", "--port", str(port),
         # Its default (True) ends the running stream early whenever another request arrives: 15 of 16 streams came
@@ -127,20 +133,28 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [
-        measure(
-            "ours",
-            start_server([MODEL], args.threads, args.out / "ours-server.log", ["--kv-cache", args.kv_cache]),
-            args,
-            args.kv_cache,
-        ),
-        measure(
+    ours = measure(
+        "ours",
+        start_server([MODEL], args.threads, args.out / "ours-server.log", ["--kv-cache", args.kv_cache]),
+        args,
+        args.kv_cache,
+    )
+    ours["kv_cache"] = args.kv_cache
+    try:
+        peer = measure(
             "llama-cpp-server", start_peer(args.threads, args.out / "llama-cpp-server.log", args.peer_interrupts), args, "f16"
-        ),
-    ]
-    rows[0]["kv_cache"] = args.kv_cache
+        )
+    except (RuntimeError, httpx.HTTPError) as err:  # it did not start, or it went away mid-run: say so, keep ours
+        log.error("llama_cpp.server failed: %s", err)
+        peer = {"server": "llama-cpp-server", "failed": str(err)}
+    rows = [ours, peer]
     (args.out / "peer.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "peer.md").write_text(markdown(rows, args.threads, args.peer_interrupts, args.kv_cache))
+    text = (
+        markdown(rows, args.threads, args.peer_interrupts, args.kv_cache)
+        if "failed" not in peer
+        else (f"llama_cpp.server failed: {peer['failed']}\n")
+    )
+    (args.out / "peer.md").write_text(text)
     log.info("wrote %s", args.out / "peer.md")
 
 
