@@ -29,7 +29,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: install Debian's chromium package to run the browser test"; fi; }
 
-# A self-contained folder to upload as a Hugging Face Space (the package is copied in beside app.py).
+# A self-contained folder to upload as a Hugging Face Space: app.py and README.md beside a copy of the package, and
+# requirements.txt written from pyproject's dependencies (the one list). SPACE=DIR builds it elsewhere.
+SPACE ?= space
 space:
-	rm -rf space/adaptserve && cp -r adaptserve space/adaptserve && find space/adaptserve -name __pycache__ -prune -exec rm -rf {} +
-	@echo "space/ is ready to push to a Hugging Face Space (sdk: gradio)"
+	@if [ "$(SPACE)" != space ]; then rm -rf "$(SPACE)" && mkdir -p "$(SPACE)" && cp space/app.py space/README.md "$(SPACE)"/; fi
+	rm -rf "$(SPACE)/adaptserve" && cp -r adaptserve "$(SPACE)/adaptserve"
+	find "$(SPACE)/adaptserve" -name __pycache__ -prune -exec rm -rf {} +
+	python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+	  > "$(SPACE)/requirements.txt"
+	@echo "$(SPACE)/ is ready to push to a Hugging Face Space (sdk: gradio)"
