@@ -53,7 +53,7 @@ from adaptserve.serve.engine import (
     TextDelta,
     completion_budget,
 )
-from adaptserve.train.model import _nf4, base_dir, use_bf16
+from adaptserve.train.model import _nf4, base_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,20 @@ def device_default() -> torch.device:
 
 
 def load_base_model(location: str, device: torch.device, precision: str = "auto") -> PreTrainedModel:
-    """`precision` auto: 4-bit NF4 on CUDA; on CPU bf16 where the hardware computes it natively, else fp32. A
-    directory saved in NF4 already (export's bnb4) loads as it is, whatever `precision` says."""
+    """`precision` auto: 4-bit NF4 on CUDA, fp32 on CPU. A directory saved in NF4 already (export's bnb4) loads as
+    it is, whatever `precision` says.
+
+    fp32 on every CPU, even one that computes bf16 natively (AVX512-BF16/AMX): the promise that a request's greedy
+    text is the same alone as in a mixed batch is made (and tested) in fp32. In bf16 another batch shape rounds
+    otherwise, and a row can part at a near-tie (seen on an AMX Xeon, and in AVX2's emulated bf16). bf16 stays
+    available by name, without that promise; benchmarks/precision.md has the measurements."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = Path(location) / "config.json"
     if config.is_file() and "quantization_config" in config.read_text():
         return AutoModelForCausalLM.from_pretrained(location, device_map={"": device}).eval()
     if precision == "auto":
-        precision = "nf4" if device.type == "cuda" else "bf16" if use_bf16("auto", device) else "fp32"
+        precision = "nf4" if device.type == "cuda" else "fp32"
     if precision == "nf4":
         nf4 = _nf4(torch.bfloat16)
         # the layers bitsandbytes leaves unquantized (embeddings, norms) in the compute dtype too, not fp32

@@ -73,8 +73,13 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to compute in bf16. "auto" means: where the hardware has it. A CPU without AVX512-BF16 or AMX
-    emulates it: on an AVX2 EPYC, bf16 matmuls ran 50x and a LoRA step 16x slower than in fp32."""
+    """Whether to compute in bf16. "auto" means: where the hardware has it, for speed (an AMX Xeon trained LoRA in
+    bf16 at ~480-590 tokens/s, AVX2 EPYCs in fp32 at ~190). A CPU without AVX512-BF16 or AMX emulates it: on an
+    AVX2 EPYC, bf16 matmuls ran 50x and a LoRA step 8-16x slower than in fp32.
+
+    What data parallelism promises depends on it: N processes train what one does to 1e-4 (losses and adapter) in
+    fp32; in bf16 each process's share of a batch rounds otherwise, and a step's loss differed by 2.4e-3 (AMX) and
+    2.8e-3 (emulated) relative from the single process's by the second step (benchmarks/precision.md)."""
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if precision == "bf16" and not native:
         log.warning("this %s has no native bf16: expect training to be many times slower than fp32", device.type)
