@@ -95,7 +95,7 @@ def _models(_: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from adaptserve.bench.config import BenchConfig
     from adaptserve.export.config import ExportConfig
-    from adaptserve.serve import ServeConfig
+    from adaptserve.serve.config import ServeConfig
     from adaptserve.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__.splitlines()[0])

@@ -18,9 +18,10 @@ from pathlib import Path
 from adaptserve import finqa
 from adaptserve.bench.accuracy import evaluate_finqa
 from adaptserve.models import default_models, resolve
-from adaptserve.serve.app import ModelPool, ServeConfig
+from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
 from adaptserve.serve.metrics import Metrics
+from adaptserve.serve.pool import ModelPool
 
 log = logging.getLogger("benchmarks.finqa_accuracy")
 
@@ -39,6 +40,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = ServeConfig(models=args.models, n_threads=args.threads, ui=False, kv_cache=args.kv_cache)
+    config.validate()
     pool = ModelPool([resolve(m) for m in args.models], config, Metrics())
     pool.load()
     results = []

@@ -31,7 +31,7 @@ from adaptserve import llama_thread
 from adaptserve.bench.run import machine_info
 from adaptserve.bench.speed import served_model
 from adaptserve.models import default_models
-from adaptserve.serve.app import ServeConfig
+from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS
 from adaptserve.serve.kvslots import KV_CACHE_TYPES, Feed, KVSlots
 

@@ -28,8 +28,9 @@ from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_model
 from adaptserve.models import resolve
-from adaptserve.serve.app import ModelPool, ServeConfig
+from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.metrics import Metrics
+from adaptserve.serve.pool import ModelPool
 
 log = logging.getLogger(__name__)
 ACCURACY_CTX = 4096

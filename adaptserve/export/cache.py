@@ -18,11 +18,11 @@ from pathlib import Path
 from adaptserve.export import native
 from adaptserve.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, read_adapter
 from adaptserve.export.config import ExportConfig, ExportError
-from adaptserve.models import DEFAULT_MODEL, ModelSpec, cache_dir, resolve
+from adaptserve.export.names import REPORT, base_ref, default_name
+from adaptserve.models import ModelSpec, cache_dir, resolve
 
 log = logging.getLogger(__name__)
 
-REPORT = "export_report.json"  # written last by every export: its presence says the export is whole
 # What an export reads from the adapter directory; checkpoints and reports beside them do not change it.
 _ADAPTER_INPUTS = (
     ADAPTER_CONFIG,
@@ -33,14 +33,6 @@ _ADAPTER_INPUTS = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-
-
-def base_ref(config: ExportConfig, adapter: Adapter) -> str:
-    return config.base_model or adapter.recorded_base or DEFAULT_MODEL
-
-
-def default_name(config: ExportConfig) -> str:
-    return Path(config.adapter).resolve().name
 
 
 def served(spec: ModelSpec, quant: str, threads: int | None = None) -> ModelSpec:

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from adaptserve import finqa
 from adaptserve.export import gguf, merge, native, verify
 from adaptserve.export.adapter import read_adapter
-from adaptserve.export.cache import REPORT, base_ref, default_name
 from adaptserve.export.config import ExportConfig
+from adaptserve.export.names import REPORT, base_ref, default_name
 from adaptserve.models import resolve
 
 log = logging.getLogger(__name__)

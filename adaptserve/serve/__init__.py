@@ -10,9 +10,11 @@ from types import FrameType
 
 import uvicorn
 
-from adaptserve.serve.app import ModelPool, ServeConfig, create_app
+from adaptserve.serve.app import create_app
+from adaptserve.serve.config import ServeConfig, ServeConfigError
+from adaptserve.serve.pool import ModelPool
 
-__all__ = ["ServeConfig", "create_app", "serve"]
+__all__ = ["ServeConfig", "ServeConfigError", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 

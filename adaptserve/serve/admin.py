@@ -14,8 +14,9 @@ from pathlib import Path
 from fastapi import APIRouter, Response
 
 from adaptserve.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adaptserve.serve.app import APIError, ModelPool, invalid
+from adaptserve.serve.errors import APIError, invalid
 from adaptserve.serve.hf_engine import ADAPTER_NAME, AdapterError
+from adaptserve.serve.pool import ModelPool
 from adaptserve.serve.schema import AdapterCard, AdapterList, AdapterLoadRequest
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}

@@ -38,6 +38,7 @@ from adaptserve.export.adapter import read_adapter
 from adaptserve.export.config import ExportError
 from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
+from adaptserve.serve.config import PRECISIONS
 from adaptserve.serve.engine import (
     DEFAULT_CTX,
     DEFAULT_SLOTS,
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 # After the first request of a batch arrives, wait this long for others sent at the same moment: a whole batch
 # runs for seconds, and without it concurrent clients that resubmit together get split into lopsided batches.
 GATHER_SECONDS = 0.01
-PRECISIONS = ("auto", "nf4", "bf16", "fp32")  # how the base's weights are held (see load_base_model)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

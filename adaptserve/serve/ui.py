@@ -1,7 +1,7 @@
 """Gradio UI at /ui: a streaming chat with a model picker, and a FinQA tab (table + question -> program -> answer).
 
 The UI is another thin client of the engines: it goes through the same `ModelPool` as the HTTP routes. The server
-imports this module (and gradio) only when /ui is first visited (`app.LazyUI`).
+imports this module (and gradio) only when /ui is first visited (`ui_mount.LazyUI`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import gradio as gr
 from fastapi import FastAPI
 from gradio.routes import App
 
-from adaptserve.serve.app import APIError, ModelPool, answer_finqa
 from adaptserve.serve.engine import SamplingParams, TextDelta
+from adaptserve.serve.errors import APIError
+from adaptserve.serve.finqa_answer import answer_finqa
+from adaptserve.serve.pool import ModelPool
 from adaptserve.serve.schema import FinQARequest
 
 EXAMPLE_TABLE = """| 2015 | 2014

@@ -1,0 +1,182 @@
+"""The served models by id, on the backend the config picks: loading, runtime adapters, and submitting a request
+with the server's error mapping. The HTTP routes and the UI both go through one `ModelPool`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adaptserve import finqa
+from adaptserve.models import ModelSpec, resolve
+from adaptserve.serve.config import ServeConfig
+from adaptserve.serve.engine import EngineBusy, Generation, InvalidPrompt, LlamaCppEngine, PromptTooLong, SamplingParams
+from adaptserve.serve.errors import APIError, invalid, overloaded
+from adaptserve.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from adaptserve.serve.hf_engine import HFBase, HFEngine
+
+
+def pick_backend(choice: str) -> str:
+    """The backend `choice` names; auto: transformers where CUDA is, else llama.cpp."""
+    if choice != "auto":
+        return choice
+    return "transformers" if _has_cuda() else "llama.cpp"
+
+
+def _has_cuda() -> bool:
+    if not Path("/proc/driver/nvidia/version").exists():  # no NVIDIA driver: spares importing torch (seconds)
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class ModelPool:
+    """The served models by id. Requests can only name these: no path from a request reaches the filesystem.
+    `config` is a validated one (ServeConfig.validate); nothing loads until load()."""
+
+    def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
+        self.specs, self.config, self.metrics = specs, config, metrics
+        self.backend = pick_backend(config.backend)
+        self.engines: dict[str, LlamaCppEngine | HFEngine] = {}
+        self.finqa_styles: dict[str, finqa.PromptStyle] = {}
+        self.bases: dict[str, HFBase] = {}  # transformers backend: one loaded base per base location
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Served names that are LoRA adapters on a shared transformers base (loadable and unloadable)."""
+        return [name for name, engine in self.engines.items() if getattr(engine, "adapter", None) is not None]
+
+    def load(self) -> None:
+        if self.backend == "transformers":
+            for spec in self.specs:
+                self._load_hf(spec)
+            return
+        for spec in self.specs:
+            engine = LlamaCppEngine(
+                self._runnable(spec),
+                self.config.n_ctx,
+                self.config.n_threads,
+                self.config.queue_size,
+                n_slots=self.config.n_slots,
+                prefill_chunk=self.config.prefill_chunk,
+                kv_cache=self.config.kv_cache,
+            )
+            self.engines[spec.name] = engine
+            self.metrics.watch_engine(spec.name, engine)
+
+    def _runnable(self, spec: ModelSpec) -> ModelSpec:
+        """An adapter is served on its base's GGUF as a LoRA GGUF, or merged into it (see export.served)."""
+        if spec.format != "adapter":
+            return spec
+        from adaptserve.export import served
+
+        self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
+        return served(spec, self.config.adapter_quant, self.config.n_threads)
+
+    def _load_hf(self, spec: ModelSpec) -> None:
+        """A base, or an adapter on the base it records: N adapters of a base cost that base once in memory."""
+        from adaptserve.serve.hf_engine import recorded_base
+
+        if spec.format != "adapter":
+            self._serve_hf(self._hf_base(spec), spec, None)
+            return
+        base = self._hf_base(resolve(recorded_base(spec.path)))
+        base.load_adapter(spec.name, spec.path)
+        self._serve_hf(base, spec, spec.name)
+
+    def _serve_hf(self, base: HFBase, spec: ModelSpec, adapter: str | None) -> None:
+        from adaptserve.serve.hf_engine import HFEngine
+
+        if adapter is not None:
+            self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
+        self.engines[spec.name] = HFEngine(base, spec, adapter)
+        self.metrics.watch_engine(spec.name, self.engines[spec.name])
+
+    def _hf_base(self, spec: ModelSpec) -> HFBase:
+        from adaptserve.serve.hf_engine import HFBase
+
+        if spec.location not in self.bases:
+            c = self.config
+            self.bases[spec.location] = HFBase(spec, c.n_ctx, c.queue_size, c.n_slots, c.n_threads, precision=c.precision)
+        return self.bases[spec.location]
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Serve the adapter at `path` as `name`, on the loaded base it was trained for (runtime loading)."""
+        from adaptserve.serve.hf_engine import AdapterError
+
+        if self.backend != "transformers":
+            raise AdapterError("adapters load at runtime only on the transformers backend (serve --backend transformers)")
+        base = self._base_for(path)
+        spec = ModelSpec(name, "adapter", str(path), f"PEFT adapter {path.name}, loaded at runtime")
+        base.load_adapter(name, path)
+        self._serve_hf(base, spec, name)
+        self.specs.append(spec)
+
+    def _base_for(self, path: Path) -> HFBase:
+        """The one loaded base, or the one the adapter records; check_adapter then compares shapes."""
+        from adaptserve.serve.hf_engine import AdapterError, recorded_base
+
+        if len(self.bases) == 1:
+            return next(iter(self.bases.values()))
+        recorded = recorded_base(path)
+        for base in self.bases.values():
+            if recorded in (base.spec.name, base.spec.location):
+                return base
+        raise AdapterError(f"adapter {path.name} records base {recorded!r}, which this server does not serve")
+
+    def remove_adapter(self, name: str) -> None:
+        engine = self.engines.pop(name)
+        self.specs = [s for s in self.specs if s.name != name]
+        self.finqa_styles.pop(name, None)
+        self.metrics.unwatch_engine(name)
+        engine.base.unload_adapter(name)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+    def start(self, engine: LlamaCppEngine | HFEngine, prompt: list[int], params: SamplingParams) -> Generation:
+        """Submit with the server's error mapping: a too-long prompt is the client's fault, a full queue is not."""
+        if params.max_tokens is None:  # "up to the end of the context", but never past the server's cap
+            room = max(engine.n_ctx - len(prompt), 0)  # 0 lets budget() raise the context error
+            params = dataclasses.replace(params, max_tokens=min(room, self.config.max_tokens_cap) or None)
+        try:
+            # /metrics counts every finished generation, whoever asked for it (HTTP or UI)
+            return engine.submit(
+                prompt, params, lambda f: self.metrics.record_generation(engine.name, f), self.config.request_timeout
+            )
+        except PromptTooLong as err:
+            raise invalid(str(err), "context_length_exceeded", "messages") from None
+        except InvalidPrompt as err:
+            raise invalid(str(err), param="prompt") from None
+        except EngineBusy as err:
+            raise overloaded(err) from None
+
+    def drain(self, timeout: float) -> None:
+        for engine in self.engines.values():
+            engine.drain(timeout)
+
+    def finqa_style(self, name: str) -> finqa.PromptStyle:
+        return self.finqa_styles.get(name, finqa.BASE_STYLE)
+
+    def get(self, name: str | None) -> LlamaCppEngine | HFEngine:
+        name = name or self.names[0]
+        if name not in self.engines:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; served models: {self.names}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
+        return self.engines[name]
