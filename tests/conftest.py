@@ -24,14 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVE = [sys.executable, "-m", "adaptserve", "serve", "--port", "{port}", "--n-threads", "2"]
+
+
 class Server:
-    def __init__(self, args: list[str], tmp: Path) -> None:
+    """`command` (`{port}` in it becomes a free port, which $PORT also holds) run in `cwd`, plus `args`; ready once
+    /health answers."""
+
+    def __init__(self, args: list[str], tmp: Path, command: list[str] = SERVE, cwd: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "server.log"
-        env = {**os.environ, "ADAPTSERVE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "adaptserve", "serve", "--port", str(self.port), "--n-threads", "2", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        env = {**os.environ, "ADAPTSERVE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "PORT": str(self.port)}
+        cmd = [part.format(port=self.port) for part in command] + args
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 600) -> None:  # the first start exports the shipped adapter (~1 min)

@@ -5,10 +5,8 @@ minute or two once llama-cpp-python's wheel has been built."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 import venv
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from adaptserve.models import default_models
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, Server
 
 FINQA = {
     "question": "what was the percentage change in revenue from 2018 to 2019?",
@@ -37,28 +35,13 @@ def _pip(python: Path, *args: str) -> None:
 
 
 @contextmanager
-def _serve(cmd: list[str], cwd: Path, port: int, log: Path) -> Iterator[str]:
-    """Start `cmd` in `cwd` (not the checkout, so nothing is imported from it) and yield its URL once healthy."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", ADAPTSERVE_CACHE=str(cwd / "cache"), PORT=str(port))
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def _serve(command: list[str], cwd: Path) -> Iterator[str]:
+    """The server `command` started in `cwd` (not the checkout, so nothing is imported from it), until the block ends."""
+    server = Server([], cwd, command, cwd)
     try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not ready:\n{log.read_text()[-3000:]}")
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def _answers_from_both_models(url: str) -> None:
@@ -97,8 +80,7 @@ def test_installed_wheel_serves_base_and_adapter(wheel: Path, tmp_path: Path) ->
     python = _venv(tmp_path / "venv")
     _pip(python, str(wheel))
     _no_torch(python)
-    cmd = [str(python.parent / "adaptserve"), "serve", "--no-ui", "--n-threads", "2", "--port", str(port := free_port())]
-    with _serve(cmd, tmp_path, port, tmp_path / "server.log") as url:
+    with _serve([str(python.parent / "adaptserve"), "serve", "--no-ui", "--n-threads", "2", "--port", "{port}"], tmp_path) as url:
         _answers_from_both_models(url)
 
 
@@ -109,6 +91,6 @@ def test_space_folder_serves_base_and_adapter(tmp_path: Path) -> None:
     python = _venv(tmp_path / "venv")
     _pip(python, "-r", str(space / "requirements.txt"))
     _no_torch(python)
-    with _serve([str(python), "app.py"], space, free_port(), tmp_path / "space.log") as url:
+    with _serve([str(python), "app.py"], space) as url:
         _answers_from_both_models(url)
         assert httpx.get(f"{url}/ui/", timeout=60).status_code == 200

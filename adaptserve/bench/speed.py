@@ -59,7 +59,13 @@ def served_model(model: str, quant: str, threads: int | None) -> ModelSpec:
 
 
 def llama_bench(
-    model: str, spec: ModelSpec, threads: int | None, pp: int = 512, tg: int = 128, repeats: int = 3, kv_cache: str = DEFAULT_KV_CACHE
+    model: str,
+    spec: ModelSpec,
+    threads: int | None,
+    pp: int = 512,
+    tg: int = 128,
+    repeats: int = 3,
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> Speed:
     """pp/tg on random tokens, `repeats` times each, with the K/V cache the server keeps (as llama-bench's -ctk/-ctv/-fa)."""
     llm = llama_thread.open_model(spec, threads, n_ctx=pp + tg + 8, n_batch=pp, **kv_cache_kwargs(kv_cache))

@@ -19,6 +19,7 @@ from adaptserve.export.config import ExportError
 
 log = logging.getLogger(__name__)
 
+
 def convert(hf_dir: Path, dst: Path, name: str) -> None:
     """f16 GGUF with the tokenizer, chat template and special tokens of `hf_dir`.
 

@@ -79,7 +79,11 @@ class ServeConfig:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": "transformers backend: nf4, bf16 or fp32; auto: nf4 on CUDA, bf16 or fp32 on CPU"},
+        metadata={
+            "help": "transformers backend: how the base is held, nf4, bf16 or fp32; auto: nf4 on CUDA, fp32 on CPU "
+            "(a request's greedy text is the same alone and in a mixed batch in fp32 only; bf16 is faster where the "
+            "CPU computes it natively, without that promise)"
+        },
     )
     api_keys: list[str] = field(
         default_factory=list,
