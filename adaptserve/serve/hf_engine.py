@@ -38,6 +38,7 @@ from adaptserve.export.adapter import read_adapter
 from adaptserve.export.config import ExportError
 from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
+from adaptserve.models.hf import base_dir, nf4_config, use_bf16
 from adaptserve.serve.engine import (
     DEFAULT_CTX,
     DEFAULT_SLOTS,
@@ -53,7 +54,6 @@ from adaptserve.serve.engine import (
     TextDelta,
     completion_budget,
 )
-from adaptserve.train.model import _nf4, base_dir, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_base_model(location: str, device: torch.device, precision: str = "auto"
     if precision == "auto":
         precision = "nf4" if device.type == "cuda" else "bf16" if use_bf16("auto", device) else "fp32"
     if precision == "nf4":
-        nf4 = _nf4(torch.bfloat16)
+        nf4 = nf4_config(torch.bfloat16)
         # the layers bitsandbytes leaves unquantized (embeddings, norms) in the compute dtype too, not fp32
         return AutoModelForCausalLM.from_pretrained(
             location, device_map={"": device}, quantization_config=nf4, dtype=torch.bfloat16
