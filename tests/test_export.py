@@ -289,7 +289,7 @@ def test_cli_reports_bad_quant_and_lists_flags(adapter: Path) -> None:
 def test_default_verify_prompts_are_chat_templated_finqa_questions() -> None:
     from transformers import AutoTokenizer
 
-    from adaptserve.train.model import base_dir
+    from adaptserve.models.hf import base_dir
 
     conversations = verify.default_messages(finqa.PromptStyle(shots=0, sentences=3))
     assert len(conversations) == verify.N_PROMPTS and all(c[-1]["role"] == "user" for c in conversations)

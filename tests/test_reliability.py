@@ -296,8 +296,8 @@ def test_training_killed_at_random_moments_resumes_to_a_loadable_adapter(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from adaptserve.models.hf import base_dir
     from adaptserve.train.checkpoint import latest
-    from adaptserve.train.model import base_dir
 
     rows = [{"instruction": f"Add {a} and {b}.", "output": str(a + b)} for a, b in [(2, 3), (10, 7), (41, 1), (5, 5)]]
     data = tmp_path / "chats.jsonl"

@@ -23,10 +23,11 @@ from transformers import AutoModelForCausalLM
 
 from adaptserve import finqa
 from adaptserve.finqa.retrieve import reduce_record, retrieve_sentences
+from adaptserve.models.hf import base_dir
 from adaptserve.train import TrainConfig, TrainError, train
 from adaptserve.train.checkpoint import latest
 from adaptserve.train.data import collate, encode, load_items, plan_batches
-from adaptserve.train.model import base_dir, load_tokenizer
+from adaptserve.train.model import load_tokenizer
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

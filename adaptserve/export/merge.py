@@ -2,7 +2,7 @@
 result as a Hugging Face directory (and, for GPUs, as a bitsandbytes NF4 checkpoint).
 
 The base is never merged in its 4-bit GGUF form: it is dequantized to float32 first (once, cached by
-`adaptserve.train.model.base_dir`, shared with training), so the merged weights are the base the adapter was
+`adaptserve.models.hf.base_dir`, shared with training), so the merged weights are the base the adapter was
 trained on plus B @ A. Loaded from that plain copy, the merged model saves with `save_pretrained` as is.
 """
 
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from adaptserve.export.adapter import LORA_KEY, Adapter
 from adaptserve.export.config import ExportError
-from adaptserve.train.model import base_dir
+from adaptserve.models.hf import base_dir, nf4_config
 
 
 def load_base(ref: str) -> tuple[PreTrainedModel, str]:
@@ -87,13 +87,9 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dst: Pat
 
 def save_bnb4(hf_dir: Path, tokenizer: PreTrainedTokenizerBase, dst: Path) -> PreTrainedModel:
     """The merged model as a bitsandbytes NF4 checkpoint (for GPUs); returns the quantized model for verification."""
-    from transformers import BitsAndBytesConfig  # imports bitsandbytes, which only this format needs
-
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        nf4 = nf4_config(torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=nf4, device_map={"": device})
     except (RuntimeError, NotImplementedError, ImportError, ValueError) as err:
         raise ExportError(f"bnb4: bitsandbytes cannot quantize on {device} here: {err}") from err

@@ -29,6 +29,7 @@ from adaptserve.export.adapter import read_adapter
 from adaptserve.export.config import ExportConfig
 from adaptserve.export.names import REPORT, base_ref, default_name
 from adaptserve.models import resolve
+from adaptserve.models.prompt import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def export(config: ExportConfig) -> ExportReport:
     model, base_location = merge.load_base(base)
     merge.check_fits(model, adapter, base)
     tokenizer = merge.load_tokenizer(adapter, base_location)
-    eos = verify.eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     adapted = merge.attach(model, adapter)
     reference, changed = _reference(adapted, tokenizer, config, eos) if config.verify_tokens else (None, None)
 

@@ -16,14 +16,14 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptserve import finqa, llama_thread
+from adaptserve.models.prompt import Message, adds_bos, hf_template, render
 
-Message = dict[str, str]
 N_PROMPTS = 3
 
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # rendered with the chat template
+    text: str  # rendered with the chat template, or the plain transcript without one
     ids: list[int]
     add_bos: bool  # whether `ids` got a BOS the text does not spell out (no chat template to add one)
 
@@ -42,21 +42,14 @@ def default_messages(style: finqa.PromptStyle) -> list[list[Message]]:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]]) -> list[Prompt]:
+    """Each conversation rendered and tokenized as the served model gets it (`adaptserve.models.prompt`)."""
+    template = hf_template(tokenizer)
+    add_bos = adds_bos(template is not None)
     prompts = []
     for messages in conversations:
-        if tokenizer.chat_template is not None:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # a base model without a template: the transcript LlamaCppEngine falls back to
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        add_bos = tokenizer.chat_template is None
+        text = render(messages, template)
         prompts.append(Prompt(text, tokenizer(text, add_special_tokens=add_bos)["input_ids"], add_bos))
     return prompts
-
-
-def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 @torch.inference_mode()

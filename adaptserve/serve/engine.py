@@ -28,6 +28,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from adaptserve import llama_thread
 from adaptserve.models import ModelSpec
+from adaptserve.models.prompt import Template, adds_bos, render, stop_strings
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class LlamaCppEngine:
         self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
         self.n_ctx = self.slots.n_ctx
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
-        self._chat = self._chat_formatter()
+        self._template = self._chat_template()
         self._jobs: JobQueue[_Job] = JobQueue(self.name, queue_size)
         self._held: list[tuple[_Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
         self._running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
@@ -341,43 +342,39 @@ class LlamaCppEngine:
             self.n_ctx,
             kv_cache,
             prefill_chunk,
-            self._chat is not None,
+            self.has_chat_template,
         )
 
     # ---- prompt side: runs on the caller's thread, touches only the tokenizer ----
 
-    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+    def _chat_template(self) -> Template | None:
+        """The GGUF's own chat template, rendered by llama-cpp-python's Jinja2 formatter; None if it has none."""
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             return None
         model = self.llm._model
         eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        return Jinja2ChatFormatter(
+        formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
+        return lambda messages: formatter(messages=list(messages)).prompt
 
     @property
     def has_chat_template(self) -> bool:
-        return self._chat is not None
+        return self._template is not None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the GGUF's own chat template (the template adds BOS itself).
-
-        A model without a template (a base model) gets a plain transcript, which base models continue sensibly.
-        """
-        if self._chat is None:
-            turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return self.tokenize(turns + "Assistant:")
-        return self.tokenize(self._chat(messages=messages).prompt, add_bos=False)
+        """Messages rendered as `adaptserve.models.prompt` says: the GGUF's chat template, else a plain transcript
+        (which base models continue sensibly)."""
+        return self.tokenize(render(messages, self._template), add_bos=adds_bos(self.has_chat_template))
 
     def chat_stops(self) -> tuple[str, ...]:
-        # Base models without a template would otherwise go on to write the user's next turn.
-        return () if self._chat is not None else ("\nUser:",)
+        return stop_strings(self.has_chat_template)
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
         return completion_budget(prompt, max_tokens, self.n_ctx)

@@ -38,6 +38,8 @@ from adaptserve.export.adapter import read_adapter
 from adaptserve.export.config import ExportError
 from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
+from adaptserve.models.hf import base_dir, nf4_config
+from adaptserve.models.prompt import adds_bos, eos_ids, hf_template, render, stop_strings
 from adaptserve.serve.config import PRECISIONS
 from adaptserve.serve.engine import (
     DEFAULT_CTX,
@@ -54,7 +56,6 @@ from adaptserve.serve.engine import (
     TextDelta,
     completion_budget,
 )
-from adaptserve.train.model import _nf4, base_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def load_base_model(location: str, device: torch.device, precision: str = "auto"
     if precision == "auto":
         precision = "nf4" if device.type == "cuda" else "fp32"
     if precision == "nf4":
-        nf4 = _nf4(torch.bfloat16)
+        nf4 = nf4_config(torch.bfloat16)
         # the layers bitsandbytes leaves unquantized (embeddings, norms) in the compute dtype too, not fp32
         return AutoModelForCausalLM.from_pretrained(
             location, device_map={"": device}, quantization_config=nf4, dtype=torch.bfloat16
@@ -169,8 +170,8 @@ class HFBase:
         config = self.model.config
         self.n_ctx = min(n_ctx, getattr(config, "max_position_embeddings", n_ctx))
         self.n_slots = n_slots
-        eos = self.model.generation_config.eos_token_id
-        self._eos = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+        self._template = hf_template(self.tokenizer)
+        self._eos = eos_ids(self.model, self.tokenizer)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
         self.adapters: dict[str, Path] = {}
         # Held by the worker for a whole forward pass and by adapter loading/unloading: peft changes the modules.
@@ -254,24 +255,22 @@ class HFBase:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(self.tokenizer.chat_template)
+        return self._template is not None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_bos)["input_ids"]
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The tokenizer's own chat template; a model without one gets the plain transcript LlamaCppEngine uses."""
-        if not self.has_chat_template:
-            turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return self.tokenize(turns + "Assistant:")
+        """Messages rendered as `adaptserve.models.prompt` says: the tokenizer's chat template, else the plain
+        transcript (as LlamaCppEngine renders them)."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render(messages, self._template)
         except jinja2.TemplateError as err:  # the HTTP layer turns ValueError into a 400
             raise ValueError(str(err)) from None
-        return self.tokenize(text, add_bos=False)
+        return self.tokenize(text, add_bos=adds_bos(self.has_chat_template))
 
     def chat_stops(self) -> tuple[str, ...]:
-        return () if self.has_chat_template else ("\nUser:",)
+        return stop_strings(self.has_chat_template)
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
         return completion_budget(prompt, max_tokens, self.n_ctx)

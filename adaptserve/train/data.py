@@ -1,8 +1,8 @@
 """Training data: sources -> items (FinQA records or chats) -> token ids split into prompt and answer -> batches.
 
 The loss is on the answer only, so every example keeps the two apart. Prompts are rendered exactly as the server
-renders them at inference: the model's chat template, or for a model without one the plain-text forms of
-`adaptserve.serve` (FinQA's completion prompt ending in "Program:", a `User:`/`Assistant:` transcript otherwise).
+renders them at inference (`adaptserve.models.prompt`): the model's chat template, or for a model without one
+plain text (FinQA's completion prompt ending in "Program:", a `User:`/`Assistant:` transcript otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adaptserve import finqa
+from adaptserve.models.prompt import Message, Template, adds_bos, hf_template, plain_answer, render
 from adaptserve.train.config import TrainError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 SAMPLE = "sample"  # the data source naming the FinQA sample shipped inside the package
 # SOURCE, then optionally @SPLIT, then optionally :START:END (either bound may be empty), e.g. dev.json:300:
 _SOURCE = re.compile(r"^(?P<source>.+?)(?:@(?P<split>[\w.-]+))?(?::(?P<start>-?\d*):(?P<end>-?\d*))?$")
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -134,30 +134,28 @@ def encode(items: Sequence[Item], tokenizer: PreTrainedTokenizerBase, retrieval_
 
 
 def _encode(item: Item, tokenizer: PreTrainedTokenizerBase, retrieval_k: int) -> Example:
-    prompt, answer = _texts(item, tokenizer, retrieval_k)
-    # A chat template writes its own special tokens; plain text gets the tokenizer's BOS, as llama.cpp adds it.
-    bos = tokenizer.chat_template is None
+    template = hf_template(tokenizer)
+    prompt, answer = _texts(item, tokenizer, template, retrieval_k)
     return Example(
-        tokenizer(prompt, add_special_tokens=bos)["input_ids"],
+        tokenizer(prompt, add_special_tokens=adds_bos(template is not None))["input_ids"],
         tokenizer(answer, add_special_tokens=False)["input_ids"],
     )
 
 
-def _texts(item: Item, tokenizer: PreTrainedTokenizerBase, retrieval_k: int) -> tuple[str, str]:
+def _texts(item: Item, tokenizer: PreTrainedTokenizerBase, template: Template | None, retrieval_k: int) -> tuple[str, str]:
     """(prompt, answer) text of an item, the answer ending where generation should stop."""
     if isinstance(item, finqa.FinQARecord):
         # The very prompt the server gives an adapter (zero-shot, `retrieval_k` sentences): train as you serve.
         style = finqa.PromptStyle(shots=0, sentences=retrieval_k)
-        prompt = finqa.record_prompt(item, style, chat=tokenizer.chat_template is not None)
+        prompt = finqa.record_prompt(item, style, chat=template is not None)
         if isinstance(prompt, str):
-            return prompt, f" {item.program}{tokenizer.eos_token}"
+            return prompt, plain_answer(item.program, tokenizer.eos_token)
         messages = [*prompt, {"role": "assistant", "content": item.program}]
     else:
         messages = item.messages
-    if tokenizer.chat_template is None:
-        turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages[:-1])
-        return f"{turns}Assistant:", f" {messages[-1]['content']}{tokenizer.eos_token}"
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = render(messages[:-1], template)
+    if template is None:
+        return prompt, plain_answer(messages[-1]["content"], tokenizer.eos_token)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise TrainError("the chat template renders the answer turn in a way that changes the prompt before it")

@@ -18,11 +18,12 @@ import transformers
 from tqdm import tqdm
 
 from adaptserve import finqa
+from adaptserve.models.hf import use_bf16
 from adaptserve.train import checkpoint
 from adaptserve.train.config import TrainConfig, TrainError
 from adaptserve.train.data import Batch, collate, encode, load_items, plan_batches
 from adaptserve.train.distributed import World, join
-from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer, use_bf16
+from adaptserve.train.model import Model, causal_lm, load_model, load_tokenizer
 from adaptserve.train.report import Tracker, TrainReport
 
 log = logging.getLogger(__name__)

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptserve.models import UnknownModelError, cache_dir, resolve
+from adaptserve.models import UnknownModelError, hf
 from adaptserve.train.config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
@@ -26,45 +17,17 @@ log = logging.getLogger(__name__)
 Model = PreTrainedModel | PeftModel
 
 
-def base_dir(ref: str) -> str:
-    """A Hugging Face directory or hub id for `ref` that `from_pretrained` loads directly.
-
-    A GGUF is dequantized once into a cached copy: parsing the GGUF takes ~20 s on 2 cores, the copy ~1 s.
-    """
+def _base_dir(ref: str) -> str:
+    """`adaptserve.models.hf.base_dir`, an unknown reference failing as a TrainError."""
     try:
-        spec = resolve(ref)
+        return hf.base_dir(ref)
     except UnknownModelError as err:
         raise TrainError(str(err)) from err
-    if spec.format != "gguf":
-        return spec.location
-    gguf = spec.path
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "hf" / f"{gguf.stem}-{key}"
-    if not (target / "config.json").is_file():
-        _dequantize(gguf, target)
-    return str(target)
-
-
-def _dequantize(gguf: Path, target: Path) -> None:
-    log.info("dequantizing %s into %s (once)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are plain floats by now; transformers only refuses to save while it sees the GGUF "quantizer".
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished the same copy first
-        shutil.rmtree(tmp)
 
 
 def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir(ref))
+        tokenizer = AutoTokenizer.from_pretrained(_base_dir(ref))
     except OSError as err:  # a hub id that is not in the local cache, with the hub offline or unreachable
         raise TrainError(f"cannot load the tokenizer of {ref!r}: {err}") from err
     if tokenizer.pad_token_id is None:  # padding is never attended to or scored, any id will do
@@ -72,23 +35,9 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to compute in bf16. "auto" means: where the hardware has it, for speed (an AMX Xeon trained LoRA in
-    bf16 at ~480-590 tokens/s, AVX2 EPYCs in fp32 at ~190). A CPU without AVX512-BF16 or AMX emulates it: on an
-    AVX2 EPYC, bf16 matmuls ran 50x and a LoRA step 8-16x slower than in fp32.
-
-    What data parallelism promises depends on it: N processes train what one does to 1e-4 (losses and adapter) in
-    fp32; in bf16 each process's share of a batch rounds otherwise, and a step's loss differed by 2.4e-3 (AMX) and
-    2.8e-3 (emulated) relative from the single process's by the second step (benchmarks/precision.md)."""
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "bf16" and not native:
-        log.warning("this %s has no native bf16: expect training to be many times slower than fp32", device.type)
-    return precision == "bf16" or (precision == "auto" and native)
-
-
 def load_model(config: TrainConfig, device: torch.device, bf16: bool) -> Model:
     """The base model prepared for `config.method`: trainable parameters in fp32, frozen ones in bf16 if `bf16`."""
-    path = base_dir(config.base_model)
+    path = _base_dir(config.base_model)
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     if config.method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_nf4(frozen_dtype), device_map={"": device})
@@ -119,12 +68,9 @@ def load_model(config: TrainConfig, device: torch.device, bf16: bool) -> Model:
 
 def _nf4(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     try:
-        import bitsandbytes  # noqa: F401  (only checked for: transformers imports it itself)
-    except ImportError as err:
-        raise TrainError("method 'qlora' needs bitsandbytes: pip install bitsandbytes") from err
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
-    )
+        return hf.nf4_config(compute_dtype)
+    except hf.MissingPackageError as err:
+        raise TrainError(f"method 'qlora': {err}") from err
 
 
 def save_weights(model: Model, path: Path) -> None:
