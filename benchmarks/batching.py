@@ -240,9 +240,9 @@ def markdown(summary: dict[str, Any]) -> str:
         median, busy = lv["median_tokens_per_second"], lv["median_all_clients_tokens_per_second"]
         lines.append(
             f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
-            f"{_ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {_ratio(median, single_median.get(lv['slots']))} | "
-            f"{busy}, {_ratio(busy, single_busy.get(lv['slots']))} | "
-            f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
+            f"{ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {ratio(median, single_median.get(lv['slots']))} | "
+            f"{busy}, {ratio(busy, single_busy.get(lv['slots']))} | "
+            f"{ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )
     ceiling = summary["decode_ceiling_tokens_per_second"]
@@ -253,7 +253,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "| sequences | tok/s | vs 1 |",
         "|---|---|---|",
-        *(f"| {b} | {rate} | {_ratio(rate, ceiling.get(1))} |" for b, rate in ceiling.items()),
+        *(f"| {b} | {rate} | {ratio(rate, ceiling.get(1))} |" for b, rate in ceiling.items()),
     ]
     spread = max(max(v) / min(v) - 1 for v in summary["all_rounds_tokens_per_second"].values())
     lines += ["", f"Rounds of one level differed by up to {spread:.0%} (every round is in results.json)."]
@@ -272,7 +272,7 @@ def disturbance(levels: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _ratio(value: float, base: float | None) -> str:
+def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
 
