@@ -10,7 +10,7 @@ where fewer requests share a step; beside it, the rate until the first client wa
 request in (what "N concurrent clients" means in steady state). Every level is measured
 `--rounds` times, interleaved across slot counts; the fastest round is reported, and beside it the median of the
 rounds (this VM's host makes rounds differ by up to 40%, so the median ratio is the steadier verdict). Beside the
-engine levels, the ceiling: llama_decode alone on the same context settings (KVSlots), B sequences advancing one
+engine levels, the ceiling: llama_decode alone on the widest engine's own slots, B sequences advancing one
 token per call, no sampling or Python around it; the engine's batched rate is judged against it. Writes
 `<out>/results.json` and `<out>/results.md`. Timings mean something only on an otherwise idle machine: the CPU that
 other processes used is recorded for every level, so a disturbed run shows as one.
@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptserve import llama_thread
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
 from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, LlamaCppEngine, SamplingParams, TextDelta
-from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed
 
 log = logging.getLogger("benchmarks.batching")
 DISTURBED_CORES = 0.1  # CPU used by other processes during a level, above which its timing is suspect
@@ -107,21 +108,25 @@ def measure(engine: LlamaCppEngine, clients: int, requests: int, max_tokens: int
     )
 
 
-def decode_ceiling(engine: LlamaCppEngine, batch_sizes: list[int], kv_cache: str, steps: int = 48) -> dict[int, float]:
-    """Tokens/s of bare llama_decode calls with B sequences of one token each, on a context set up as the engine's."""
-    batch = max(DEFAULT_PREFILL_CHUNK, *batch_sizes)
-    slots = KVSlots(engine.llm, max(batch_sizes), n_ctx=512, max_batch=batch, kv_cache=kv_cache)
+def decode_ceiling(engine: LlamaCppEngine, batch_sizes: list[int], steps: int = 48) -> dict[int, float]:
+    """Tokens/s of bare llama_decode calls with B sequences of one token each, on the engine's own (idle) slots.
+
+    Runs on the llama.cpp thread, in turn with the engine's scheduler, as the engine's own decode steps do."""
+    return llama_thread.run(_ceiling, engine, batch_sizes, steps)
+
+
+def _ceiling(engine: LlamaCppEngine, batch_sizes: list[int], steps: int) -> dict[int, float]:
     rates = {}
     for size in batch_sizes:
-        held = slots.slots[:size]  # consecutive ids, as the engine keeps its busy slots
+        held = engine.slots.slots[:size]  # consecutive ids, as the engine keeps its busy slots
         for slot in held:
-            slots.reset(slot)
-        slots.decode([Feed(slot, engine.tokenize(f"Sequence {slot.seq_id}: the ledger shows"), logits=False) for slot in held])
+            engine.slots.reset(slot)
+        prompts = [Feed(slot, engine.tokenize(f"Sequence {slot.seq_id}: the ledger shows"), logits=False) for slot in held]
+        engine.slots.decode(prompts)
         tick = time.perf_counter()
         for step in range(steps):
-            slots.decode([Feed(slot, (1000 + step,), logits=True) for slot in held])
+            engine.slots.decode([Feed(slot, (1000 + step,), logits=True) for slot in held])
         rates[size] = round(size * steps / (time.perf_counter() - tick), 1)
-    slots.close()
     return rates
 
 
@@ -196,7 +201,7 @@ def main() -> None:
     rounds = run_rounds(list(engines.values()), args.clients, args.rounds, args.requests, args.max_tokens)
     widest = engines[max(engines)]
     sizes = sorted({1, *args.clients} & set(range(1, widest.n_slots + 1)))
-    ceilings = [decode_ceiling(widest, sizes, args.kv_cache) for _ in range(args.rounds)]
+    ceilings = [decode_ceiling(widest, sizes) for _ in range(args.rounds)]
     for engine in engines.values():
         engine.close()
 
@@ -240,9 +245,9 @@ def markdown(summary: dict[str, Any]) -> str:
         median, busy = lv["median_tokens_per_second"], lv["median_all_clients_tokens_per_second"]
         lines.append(
             f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
-            f"{_ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {_ratio(median, single_median.get(lv['slots']))} | "
-            f"{busy}, {_ratio(busy, single_busy.get(lv['slots']))} | "
-            f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
+            f"{ratio(lv['tokens_per_second'], single.get(lv['slots']))} | {median}, {ratio(median, single_median.get(lv['slots']))} | "
+            f"{busy}, {ratio(busy, single_busy.get(lv['slots']))} | "
+            f"{ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )
     ceiling = summary["decode_ceiling_tokens_per_second"]
@@ -253,7 +258,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "| sequences | tok/s | vs 1 |",
         "|---|---|---|",
-        *(f"| {b} | {rate} | {_ratio(rate, ceiling.get(1))} |" for b, rate in ceiling.items()),
+        *(f"| {b} | {rate} | {ratio(rate, ceiling.get(1))} |" for b, rate in ceiling.items()),
     ]
     spread = max(max(v) / min(v) - 1 for v in summary["all_rounds_tokens_per_second"].values())
     lines += ["", f"Rounds of one level differed by up to {spread:.0%} (every round is in results.json)."]
@@ -272,7 +277,7 @@ def disturbance(levels: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _ratio(value: float, base: float | None) -> str:
+def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
 

@@ -4,24 +4,29 @@
 # Perplexity is measured on the report text of FinQA test.json (pre_text and post_text of each distinct page, no
 # questions or answers): the adapter's domain, from the split held out from training (~205k SmolLM2 tokens, 401
 # chunks of 512); the first 40 chunks (20k tokens, ~1.5 min per variant) are evaluated.
+# PYTHON, FINQA and OUT override the interpreter, the FinQA file and the results folder; arguments go to both runs
+# (later flags win: `--limit 1 --requests 1` makes a smoke run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+FINQA="${FINQA:-../shared/data/finqa/test.json}"
+OUT="${OUT:-benchmarks/results/bench-cpu}"
 mkdir -p runs
-.venv/bin/python -c '
+"$PYTHON" -c '
 import json, sys
 records = json.load(open(sys.argv[1], encoding="utf-8"))
 pages = dict.fromkeys(" ".join(r["pre_text"] + r["post_text"]) for r in records)  # pages repeat across questions
 open(sys.argv[2], "w", encoding="utf-8").write("\n".join(pages) + "\n")
-' ../shared/data/finqa/test.json runs/ppl-finqa-test.txt
-HF_HUB_OFFLINE=1 .venv/bin/adaptserve bench \
-  --finqa ../shared/data/finqa/test.json --limit 50 \
+' "$FINQA" runs/ppl-finqa-test.txt
+HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench \
+  --finqa "$FINQA" --limit 50 \
   --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
   --concurrency 1 2 4 8 --requests 16 --max-tokens 64 --threads 2 \
-  --out benchmarks/results/bench-cpu "$@"
+  --out "$OUT" "$@"
 # The quant matrix: the adapter's q8_0 export, in a server of its own (so its footprint is its own), same questions,
 # text and load but 1 and 8 clients only.
-HF_HUB_OFFLINE=1 .venv/bin/adaptserve bench --models smollm2-135m-finqa@q8_0 \
-  --finqa ../shared/data/finqa/test.json --limit 50 \
+HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench --models smollm2-135m-finqa@q8_0 \
+  --finqa "$FINQA" --limit 50 \
   --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
   --concurrency 1 8 --requests 16 --max-tokens 64 --threads 2 \
-  --out benchmarks/results/bench-cpu/q8_0 "$@"
+  --out "$OUT/q8_0" "$@"

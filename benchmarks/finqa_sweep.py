@@ -4,10 +4,11 @@
 
 Training data is train + dev[300:], selection is on dev[:300] (execution accuracy, then program exact match), and the
 test split is never read here: the chosen adapter is scored on test afterwards, once (`adaptserve bench`). Scoring
-decodes greedily in transformers, a batch of prompts at a time, with the very prompt and stop rule of the server
-(`finqa.adapter_style`, one line); numbers can differ slightly from the served GGUF (quantization, see
-benchmarks/results/export). Runs in priority order within `--budget` seconds and rewrites `<out>/sweep.json` after
-every run, so a run cut short still reports what it finished; the best adapter is copied to `<out>/best/`.
+is `adaptserve bench`'s FinQA evaluation (`bench.accuracy.evaluate_finqa`, one record at a time) through the
+transformers engine: greedy, with the very prompt and stop rule of the server (`finqa.adapter_style`, one line);
+numbers can differ slightly from the served GGUF (quantization, see benchmarks/results/export). Runs in priority
+order within `--budget` seconds and rewrites `<out>/sweep.json` after every run, so a run cut short still reports
+what it finished; the best adapter is copied to `<out>/best/`.
 
 `--only` also takes the METHODS runs: the shipped recipe with another rank, with QLoRA, or as full fine-tuning, on
 the same data, seed and epochs, for the methods table of benchmarks/training.md; they are scored like the
@@ -29,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptserve import finqa
+from adaptserve.bench.accuracy import evaluate_finqa
+from adaptserve.models import resolve
+from adaptserve.serve.hf_engine import HFBase, HFEngine
 from adaptserve.train import TrainConfig, train
-from adaptserve.train.model import base_dir
 
 log = logging.getLogger("benchmarks.finqa_sweep")
 
@@ -42,6 +43,7 @@ FINQA = "../shared/data/finqa"
 TRAIN = [f"{FINQA}/train.json", f"{FINQA}/dev.json:300:"]
 SELECT = (f"{FINQA}/dev.json", 0, 300)
 RUNS = Path("runs/finqa-sweep")  # the candidates' output dirs (ignored by git)
+BASE = "smollm2-135m"
 COMMON = {"batch_size": 8, "grad_accum": 1, "save_every": 0, "seed": 0, "rank": 16, "alpha": 32.0}
 # name -> TrainConfig fields, most promising first (a cut-short run keeps the head of the list). Rank stays 16 so
 # the shipped adapter stays small (~10 MB); "full" is the reference the adapters are judged against.
@@ -66,79 +68,45 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_for_eval(adapter: Path | None, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if adapter is not None and (adapter / "model.safetensors").is_file():  # full fine-tuning saved the whole model
-        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m"), dtype=dtype)
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter or base_dir("smollm2-135m"))
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
-
-
-@torch.inference_mode()
-def greedy_lines(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch: int, max_new_tokens: int
-) -> list[str]:
-    """The first line of each prompt's greedy continuation, as the server's FinQA endpoint stops at a newline."""
-    lines = []
-    for start in range(0, len(prompts), batch):
-        enc = tokenizer(list(prompts[start : start + batch]), return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        lines += [text.split("\n")[0] for text in texts]
-    return lines
-
-
-def dev_accuracy(adapter: Path | None, records: Sequence[finqa.FinQARecord], device: torch.device, batch: int) -> dict[str, Any]:
-    """Execution accuracy and program exact match of `adapter` (None: the base, few-shot prompted) on `records`."""
+def dev_accuracy(adapter: Path | None, records: Sequence[finqa.FinQARecord], threads: int) -> dict[str, Any]:
+    """Execution accuracy and program exact match of `adapter` (None: the base, few-shot prompted) on `records`,
+    scored by `adaptserve bench`'s FinQA evaluation through the transformers engine (bf16 on CUDA, else fp32)."""
     tick = time.perf_counter()
-    model, tokenizer = load_for_eval(adapter, device)
+    full = adapter is not None and (adapter / "model.safetensors").is_file()  # full fine-tuning saved a whole model
+    precision = "bf16" if torch.cuda.is_available() else "fp32"
+    base = HFBase(resolve(str(adapter) if full else BASE), n_ctx=4096, n_slots=1, n_threads=threads, precision=precision)
+    served, name = base.spec, None
+    if adapter is not None and not full:
+        served, name = resolve(str(adapter)), "candidate"
+        base.load_adapter(name, adapter)
     style = finqa.adapter_style(adapter) if adapter is not None else finqa.BASE_STYLE
-    prompts = [
-        tokenizer.apply_chat_template(finqa.record_prompt(r, style, chat=True), add_generation_prompt=True, tokenize=False)
-        for r in records
-    ]
-    outputs = greedy_lines(model, tokenizer, prompts, batch, max_new_tokens=96)
-    scored = [finqa.score_output(text, r) for text, r in zip(outputs, records, strict=True)]
-    exact = sum(
-        s.program is not None and s.program.replace(" ", "") == r.program.replace(" ", "")
-        for s, r in zip(scored, records, strict=True)
-    )
-    correct = sum(s.correct for s in scored)
-    del model
+    try:
+        report, predictions = evaluate_finqa(HFEngine(base, served, name), records, style)
+    finally:
+        base.close()
     return {
-        "count": len(records),
-        "correct": correct,
-        "execution_accuracy": correct / len(records),
-        "program_exact_match": exact / len(records),
+        "count": report.count,
+        "correct": report.correct,
+        "execution_accuracy": report.execution_accuracy,
+        "program_exact_match": report.program_exact_match,
         "eval_seconds": round(time.perf_counter() - tick, 1),
-        "examples": [
-            {"id": r.id, "output": o, "correct": s.correct} for r, o, s in zip(records[:5], outputs[:5], scored[:5], strict=True)
-        ],
+        "examples": [{"id": p.id, "output": p.output, "correct": p.correct} for p in predictions[:5]],
     }
 
 
 def run_candidate(
     name: str, fields: dict[str, Any], runs: Path, records: Sequence[finqa.FinQARecord], args: argparse.Namespace
 ) -> dict[str, Any]:
-    config = TrainConfig(data=TRAIN, output_dir=str(runs / name), **(COMMON | fields))
+    config = TrainConfig(data=args.train, output_dir=str(runs / name), **(COMMON | fields))
     if args.max_steps:
         config.max_steps = args.max_steps
+    if args.batch_size:
+        config.batch_size = args.batch_size
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     report = train(config)
-    score = dev_accuracy(Path(config.output_dir), records, device, args.eval_batch)
+    score = dev_accuracy(Path(config.output_dir), records, args.threads)
     log.info("%s: dev accuracy %.1f%% (%d/%d)", name, 100 * score["execution_accuracy"], score["correct"], score["count"])
     return {
         "name": name,
@@ -159,21 +127,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all, in order)")
     parser.add_argument("--limit", type=int, default=None, help="score on the first N selection records (smoke runs)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (smoke runs)")
-    parser.add_argument("--eval-batch", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step, every run (smoke runs)")
+    parser.add_argument("--train", nargs="+", default=TRAIN, help="training data sources (TrainConfig.data forms)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the candidates are trained")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (see benchmarks/hf_batching.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     started = time.perf_counter()
     path, start, end = SELECT
     records = finqa.load_finqa(path)[start:end][: args.limit]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "train_data": TRAIN,
+        "train_data": args.train,
         "selection": f"{path}[{start}:{end}]" + (f"[:{args.limit}]" if args.limit else ""),
-        "base": dev_accuracy(None, records, device, args.eval_batch),
+        "base": dev_accuracy(None, records, args.threads),
         "runs": [],
     }
     log.info("base (2-shot): dev accuracy %.1f%%", 100 * result["base"]["execution_accuracy"])
@@ -184,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.warning("budget spent after %.0f s: %s not run", elapsed, name)
             result.setdefault("not_run", []).append(name)
             continue
-        result["runs"].append(run_candidate(name, (CANDIDATES | METHODS)[name], RUNS, records, args))
+        result["runs"].append(run_candidate(name, (CANDIDATES | METHODS)[name], args.runs, records, args))
         _publish(result, args.out)
     _publish(result, args.out)
     log.info("done in %.0f s", time.perf_counter() - started)

@@ -34,13 +34,15 @@ SETTINGS += [(4, 2048, "f16", False), (4, 4096, "f16", False), (DEFAULT_SLOTS, D
 SETTINGS += [(4, 2048, "q8_0", False), (4, 4096, "q8_0", False), (DEFAULT_SLOTS, DEFAULT_CTX, "q8_0", True)]
 
 
-def measure(slots: int, n_ctx: int, kv_cache: str, ui: bool, threads: int, log_dir: Path) -> dict[str, float | int | bool | str]:
+def measure(
+    models: list[str], slots: int, n_ctx: int, kv_cache: str, ui: bool, threads: int, log_dir: Path
+) -> dict[str, float | int | bool | str]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "adaptserve", "serve", "--port", str(port), "--n-threads", str(threads),
         "--n-slots", str(slots), "--n-ctx", str(n_ctx), "--kv-cache", kv_cache, *([] if ui else ["--no-ui"]),
+        "--models", *models,
     ]  # fmt: skip
-    models = default_models()
     server = launch(cmd, f"http://127.0.0.1:{port}", models[0], log_dir / f"server-{slots}x{n_ctx}-{kv_cache}.log")
     try:
         for model in models[1:]:
@@ -64,16 +66,18 @@ def measure(slots: int, n_ctx: int, kv_cache: str, ui: bool, threads: int, log_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=default_models())
+    parser.add_argument("--limit", type=int, default=None, help="measure the first N settings only (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/footprint"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="footprint-"))  # server logs, kept out of the results
-    rows = [measure(*setting, args.threads, logs) for setting in SETTINGS]
-    (args.out / "footprint.json").write_text(json.dumps({"models": default_models(), "rows": rows}, indent=2) + "\n")
+    rows = [measure(args.models, *setting, args.threads, logs) for setting in SETTINGS[: args.limit]]
+    (args.out / "footprint.json").write_text(json.dumps({"models": args.models, "rows": rows}, indent=2) + "\n")
     lines = [
-        f"Peak RSS of `adaptserve serve` with {' + '.join(default_models())}, after one request each and, where the UI "
+        f"Peak RSS of `adaptserve serve` with {' + '.join(args.models)}, after one request each and, where the UI "
         "is on, after /ui was opened (until then such a server has not imported gradio and weighs what it does without "
         f"the UI). Defaults: --n-slots {DEFAULT_SLOTS} --n-ctx {DEFAULT_CTX} --kv-cache {DEFAULT_KV_CACHE}, UI on.",
         "",

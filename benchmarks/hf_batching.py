@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from batching import _ratio, disturbance, run_rounds, summarize_rounds
+from batching import disturbance, ratio, run_rounds, summarize_rounds
 
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
@@ -111,7 +111,7 @@ def markdown(summary: dict[str, Any]) -> str:
     for lv in summary["levels"]:
         lines.append(
             f"| {lv['slots']} | {lv['clients']} | {lv['tokens_per_second']} | "
-            f"{_ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
+            f"{ratio(lv['tokens_per_second'], unbatched.get(lv['clients']))} | {lv['per_request_tokens_per_second']} | "
             f"{lv['mean_ttft']} | {lv['other_cores']} |"
         )
     if summary.get("cuda_peak_allocated_bytes"):

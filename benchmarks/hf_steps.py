@@ -80,15 +80,15 @@ def main() -> None:
     base.load_adapter(ADAPTER, resolve(ADAPTER).path)
     # The LoRA layers are set up by HFBase's own routing (what HFEngine does for such a batch), never behind its back.
     for b in args.batch:
-        base._route([ADAPTER] * b)
+        base.route([ADAPTER] * b)
         rows[b]["adapter set"] = step_ms(base, b, args.steps)
         if b > 1:  # half the rows on the adapter, half on the base: peft's per-row routing, then the engine's masks
             half = [ADAPTER, None] * (b // 2) + [ADAPTER] * (b % 2)
             names = [a or "__base__" for a in half]  # peft's name for the base in adapter_names
             rows[b]["mixed rows, peft's adapter_names"] = step_ms(base, b, args.steps, adapter_names=names)
-            base._route(half)
+            base.route(half)
             rows[b]["mixed rows, HFBase masks"] = step_ms(base, b, args.steps)
-        base._route([None] * b)
+        base.route([None] * b)
         rows[b]["adapter layers off"] = step_ms(base, b, args.steps)
         rows[b]["HFEngine through the adapter"] = engine_ms(base, b, args.steps)
         log.info("batch %d: %s", b, rows[b])

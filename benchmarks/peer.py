@@ -62,6 +62,8 @@ def measure(name: str, server: Server, args: argparse.Namespace, kv_cache: str) 
             max_tokens=args.max_tokens,
             threads=args.threads,
             repeats=args.repeats,
+            pp=args.pp,
+            tg=args.tg,
             kv_cache=kv_cache,
             out=str(args.out / name),
         )
@@ -126,6 +128,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pp", type=int, default=512, help="prompt tokens of the direct prompt-processing test")
+    parser.add_argument("--tg", type=int, default=128, help="tokens of the direct generation test")
     parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="our server's --kv-cache (the peer keeps llama.cpp's f16)")
     parser.add_argument(
         "--peer-interrupts", action="store_true", help="keep the peer's default: a new request cuts the running stream short"

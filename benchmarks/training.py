@@ -30,7 +30,7 @@ log = logging.getLogger("benchmarks.training")
 DATA = "../shared/data/finqa/train.json"
 DEV = "../shared/data/finqa/dev.json:0:300"
 GIB = 2**30
-COMMON = ["--data", DATA, "--batch-size", "4", "--grad-accum", "1", "--save-every", "0", "--seed", "0"]
+COMMON = ["--grad-accum", "1", "--save-every", "0", "--seed", "0"]
 # name -> extra flags; adapters take a 10x larger learning rate than full fine-tuning, as usual.
 VARIANTS: dict[str, list[str]] = {
     "lora-r4": ["--method", "lora", "--rank", "4", "--alpha", "8", "--lr", "5e-4"],
@@ -46,9 +46,10 @@ MEMORY: dict[str, list[str]] = {
 }
 
 
-def run_train(name: str, flags: list[str], steps: int, threads: int, out: Path) -> dict[str, Any]:
+def run_train(name: str, flags: list[str], args: argparse.Namespace, steps: int, out: Path) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    cmd = [sys.executable, "-m", "adaptserve", "train", *COMMON, *flags, "--threads", str(threads), "--max-steps", str(steps)]
+    cmd = [sys.executable, "-m", "adaptserve", "train", "--data", args.data, "--batch-size", str(args.batch_size), *COMMON]
+    cmd += [*flags, "--threads", str(args.threads), "--max-steps", str(steps)]
     cmd += ["--output-dir", str(run_dir)]
     log.info("%s: %s", name, " ".join(cmd[2:]))
     subprocess.run(cmd, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
@@ -71,7 +72,7 @@ def run_train(name: str, flags: list[str], steps: int, threads: int, out: Path) 
     }
 
 
-def bare_loop(steps: int, rank: int, threads: int) -> dict[str, Any]:
+def bare_loop(data: str, batch_size: int, steps: int, rank: int, threads: int) -> dict[str, Any]:
     """The textbook PEFT loop: full-vocabulary logits at every position, HF's own loss with -100 labels; fed the
     very batches `adaptserve train` plans for the same data and seed."""
     import torch
@@ -84,8 +85,8 @@ def bare_loop(steps: int, rank: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
-    examples = encode(load_items([DATA]), tokenizer, retrieval_k=2, max_seq_len=768)
-    plan = plan_batches([len(e) for e in examples], 4, 0, steps)
+    examples = encode(load_items([data]), tokenizer, retrieval_k=2, max_seq_len=768)
+    plan = plan_batches([len(e) for e in examples], batch_size, 0, steps)
     model = AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m"), dtype=torch.float32)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -113,14 +114,15 @@ def bare_loop(steps: int, rank: int, threads: int) -> dict[str, Any]:
     }
 
 
-def dev_metrics(run_dir: str, method: str, limit: int, threads: int) -> dict[str, Any]:
-    """Answer-token loss and greedy FinQA execution accuracy on dev[:limit], with the trained weights on the fp32
-    base (a QLoRA adapter too: that is how `adaptserve export` merges it)."""
+def dev_metrics(run_dir: str, method: str, dev: str, limit: int, threads: int) -> dict[str, Any]:
+    """Answer-token loss and greedy FinQA execution accuracy (`export.verify`'s greedy decoding) on dev[:limit], with
+    the trained weights on the fp32 base (a QLoRA adapter too: that is how `adaptserve export` merges it)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from adaptserve import finqa
+    from adaptserve.export import verify
     from adaptserve.train.data import collate, encode, load_items
     from adaptserve.train.loop import answer_loss
     from adaptserve.train.model import base_dir, load_tokenizer
@@ -133,18 +135,15 @@ def dev_metrics(run_dir: str, method: str, limit: int, threads: int) -> dict[str
         base = AutoModelForCausalLM.from_pretrained(base_dir("smollm2-135m"), dtype=torch.float32)
         model = PeftModel.from_pretrained(base, run_dir)
     model.eval()
-    records = [r for r in load_items([DEV])[:limit] if isinstance(r, finqa.FinQARecord)]
+    records = [r for r in load_items([dev])[:limit] if isinstance(r, finqa.FinQARecord)]
     examples = encode(records, tokenizer, retrieval_k=2, max_seq_len=4096)
-    loss, answer_tokens, correct = 0.0, 0, 0
     with torch.inference_mode():
-        for record, example in zip(records, examples, strict=True):
-            batch = collate([example], tokenizer.pad_token_id)
-            loss += answer_loss(model, batch).item()
-            answer_tokens += len(example.answer)
-            prompt = torch.tensor([example.prompt])
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48, do_sample=False)
-            program = tokenizer.decode(out[0, len(example.prompt) :], skip_special_tokens=True).strip()
-            correct += finqa.score_output(program, record).correct
+        loss = sum(answer_loss(model, collate([e], tokenizer.pad_token_id)).item() for e in examples)
+    answer_tokens = sum(len(e.answer) for e in examples)
+    prompts = [verify.Prompt(tokenizer.decode(e.prompt), list(e.prompt), add_bos=False) for e in examples]  # training's ids
+    outputs = verify.greedy_hf(model, prompts, 48, verify.eos_ids(model, tokenizer))
+    programs = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in outputs]
+    correct = sum(finqa.score_output(p, r).correct for p, r in zip(programs, records, strict=True))
     return {"dev_examples": len(records), "dev_loss": round(loss / answer_tokens, 4), "dev_accuracy": correct / len(records)}
 
 
@@ -171,7 +170,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results.get('threads', 1)} torch thread(s) per run, fp32.",
         "",
-        f"### Methods: same data (FinQA train), seed and {results['steps']} steps of 4 examples",
+        f"### Methods: same data (FinQA train), seed and {results['steps']} steps of {results.get('batch_size', 4)} examples",
         "",
         "| run | trainable | peak RSS | tokens/s | wall | final train loss | dev loss | dev exec. accuracy | weights saved |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -226,6 +225,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--memory-steps", type=int, default=6)
     parser.add_argument("--dev-limit", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step, every run")
+    parser.add_argument("--data", default=DATA, help="training data (an `adaptserve train --data` source)")
+    parser.add_argument("--dev", default=DEV, help="dev data for loss and accuracy (same forms)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default="benchmarks/results/training")
     parser.add_argument("--only", nargs="*", default=None, help="rerun only these runs (the rest is kept from results.json)")
@@ -235,10 +237,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker == "bare":
-        print(json.dumps(bare_loop(args.steps, rank=16, threads=args.threads)))
+        sys.stdout.write(json.dumps(bare_loop(args.data, args.batch_size, args.steps, rank=16, threads=args.threads)) + "\n")
         return
     if args.worker == "dev":
-        print(json.dumps(dev_metrics(args.run_dir, args.method, args.dev_limit, args.threads)))
+        sys.stdout.write(json.dumps(dev_metrics(args.run_dir, args.method, args.dev, args.dev_limit, args.threads)) + "\n")
         return
 
     out = Path(args.out)
@@ -254,13 +256,14 @@ def main() -> None:
 
     def worker(*flags: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *flags, "--steps", str(args.steps), "--dev-limit", str(args.dev_limit)]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads), "--data", args.data, "--dev", args.dev, "--batch-size", str(args.batch_size)]
         output = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         return json.loads(output.stdout.strip().splitlines()[-1])
 
     results["machine"] = machine_info()
     results["steps"] = args.steps
     results["threads"] = args.threads
+    results["batch_size"] = args.batch_size
     results.setdefault("methods", [])
     results.setdefault("memory", [])
 
@@ -271,7 +274,7 @@ def main() -> None:
 
     for name, flags in VARIANTS.items():
         if wanted(name):
-            run = run_train(name, flags, args.steps, args.threads, out)
+            run = run_train(name, flags, args, args.steps, out)
             run |= worker("--worker", "dev", "--run-dir", run["dir"], "--method", run["method"])
             log.info("%s: %s", name, {k: v for k, v in run.items() if k != "memory_history"})
             record("methods", run)
@@ -282,7 +285,7 @@ def main() -> None:
         results["throughput"]["ours"] = next(m for m in results["methods"] if m["name"] == "lora-r16")
     for name, flags in MEMORY.items():
         if wanted(name):
-            record("memory", run_train(name, flags, args.memory_steps, args.threads, out))
+            record("memory", run_train(name, flags, args, args.memory_steps, out))
     order = list(VARIANTS) + list(MEMORY)
     for kind in ("methods", "memory"):
         results[kind].sort(key=lambda r: order.index(r["name"]))

@@ -76,7 +76,7 @@ def test_mixed_batch_matches_each_request_alone(base: HFBase) -> None:
 
 
 def test_adapter_loaded_after_a_base_only_batch_still_applies(base: HFBase, tmp_path: Path) -> None:
-    """A batch on the base alone turns the LoRA layers off (HFBase._route); an adapter loaded after it, in a mixed
+    """A batch on the base alone turns the LoRA layers off (HFBase.route); an adapter loaded after it, in a mixed
     batch beside the base, must still be applied, not silently skipped."""
     plain, adapted = HFEngine(base, resolve("smollm2-135m"), None), HFEngine(base, resolve(FINQA), FINQA)
     prompt = finqa_chat(adapted, finqa.load_finqa(split="test")[0])

@@ -8,7 +8,7 @@ in memory, as in LoRAX or vLLM's multi-LoRA.
 Batching is static: the worker takes up to `n_slots` waiting requests, left-pads their prompts into one prefill,
 then decodes them together, one token per row per forward pass, until each has finished; finished rows leave the
 batch (and the KV cache) at once. A batch may mix the base and several adapters: the batch's adapters are all
-active, and each one's input is masked to its own rows (`HFBase._route`), so every row gets its own adapter in the
+active, and each one's input is masked to its own rows (`HFBase.route`), so every row gets its own adapter in the
 same forward pass.
 """
 
@@ -178,7 +178,7 @@ class HFBase:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a batch ends: its adapters may be unloaded
         self._active: set[str | None] = set()  # adapters the running batch uses
-        self._routing: frozenset[str | None] | None = None  # the adapters the LoRA layers are set up for (_route)
+        self._routing: frozenset[str | None] | None = None  # the adapters the LoRA layers are set up for (route)
         self._row_masks: dict[str, torch.Tensor] = {}  # in a mixed batch, each adapter's rows (_mask_rows)
         self._hooks: dict[str, list[RemovableHandle]] = {}
         self._jobs: JobQueue[_Job] = JobQueue(spec.name, queue_size)
@@ -370,18 +370,18 @@ class HFBase:
         peft rewires modules when another thread loads an adapter."""
         with self._lock:
             if isinstance(self.model, PeftModel):
-                self._route([r.job.adapter for r in rows])
+                self.route([r.job.adapter for r in rows])
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.cache
 
-    def _route(self, wanted: list[str | None]) -> None:
+    def route(self, wanted: list[str | None]) -> None:
         """Set the LoRA layers up for a batch whose rows want these adapters (None: the base): all off for a batch
         on the base alone; else the batch's adapters active, and where rows differ, each adapter's input masked to
         its own rows. peft's own per-row routing (`adapter_names`) indexes every LoRA layer's input per adapter and
         hooks every module on each call: on a model of SmolLM2's shape without compute (host time alone, 2-core
         CPU) 4 mixed rows took 42 ms a step routed that way, 21 ms masked, 20 ms on one adapter; on CUDA each of
         its indexes is a host-to-device copy. Switching adapters walks the modules, so it happens only when the
-        next batch wants others."""
+        next batch wants others. Public for measuring a step as the worker routes it; call it only while no batch runs."""
         adapters = frozenset(wanted)
         if adapters != self._routing:
             assert isinstance(self.model, PeftModel)
