@@ -79,8 +79,9 @@ def bare_loop(data: str, batch_size: int, steps: int, rank: int, threads: int) -
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from adaptserve.models.hf import base_dir
     from adaptserve.train.data import collate, encode, load_items, plan_batches
-    from adaptserve.train.model import base_dir, load_tokenizer
+    from adaptserve.train.model import load_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -123,9 +124,10 @@ def dev_metrics(run_dir: str, method: str, dev: str, limit: int, threads: int) -
 
     from adaptserve import finqa
     from adaptserve.export import verify
+    from adaptserve.models.hf import base_dir
     from adaptserve.train.data import collate, encode, load_items
     from adaptserve.train.loop import answer_loss
-    from adaptserve.train.model import base_dir, load_tokenizer
+    from adaptserve.train.model import load_tokenizer
 
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer("smollm2-135m")

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from adaptserve import finqa
 from adaptserve.models import ADAPTERS_DIR, resolve
+from adaptserve.models.hf import base_dir
 from adaptserve.serve.engine import SamplingParams
 from adaptserve.serve.hf_engine import AdapterError, HFBase, HFEngine, load_base_model
-from adaptserve.train.model import base_dir
 from tests.conftest import Server
 
 FINQA = "smollm2-135m-finqa"
