@@ -251,7 +251,7 @@ def test_a_server_that_stops_answering_is_reported_not_fatal(tmp_path: Path) -> 
         max_tokens=4,
         pp=16,
         tg=4,
-        repeats=1,
+        repeats=2,
         threads=1,
         out=str(tmp_path),
     )
