@@ -31,6 +31,7 @@ from adaptserve import finqa
 from adaptserve.export import ExportConfig, ensure_gguf, export, merge, verify
 from adaptserve.export.adapter import read_adapter
 from adaptserve.models import resolve
+from adaptserve.models.prompt import eos_ids
 
 log = logging.getLogger("benchmarks.export_fidelity")
 MAX_TOKENS = 64  # FinQA programs run 10-40 tokens
@@ -57,7 +58,7 @@ def main() -> None:
     base_ref = adapter.recorded_base or "smollm2-135m"
     model, location = merge.load_base(base_ref)
     tokenizer = merge.load_tokenizer(adapter, location)
-    eos = verify.eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     prompts = verify.encode(tokenizer, [finqa.record_prompt(r, style, chat=True) for r in records])
 
     tick = time.perf_counter()

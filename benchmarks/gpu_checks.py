@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from adaptserve import finqa
 from adaptserve.export import merge, verify
 from adaptserve.export.adapter import read_adapter
+from adaptserve.models.prompt import eos_ids
 from adaptserve.train import TrainConfig, train
 
 log = logging.getLogger("benchmarks.gpu_checks")
@@ -90,7 +91,7 @@ def bnb4_export(adapter_dir: Path, count: int, device: torch.device, max_tokens:
     reference = merge.attach(base, adapter).to(device, torch.bfloat16).eval()
     style = finqa.adapter_style(adapter_dir)
     prompts = verify.encode(tokenizer, [finqa.record_prompt(r, style, chat=True) for r in records])
-    eos = verify.eos_ids(reference, tokenizer)
+    eos = eos_ids(reference, tokenizer)
     ref_out = verify.greedy_hf(reference, prompts, max_tokens, eos, "bf16")
     speed = decode_speed(reference, tokenizer, decode_tokens)
     result: dict[str, Any] = {"bf16": {"weight_bytes": reference.get_memory_footprint(), "decode_tokens_per_second": speed}}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptserve.bench.run import machine_info
+from adaptserve.models.prompt import eos_ids
 
 log = logging.getLogger("benchmarks.training")
 
@@ -143,7 +144,7 @@ def dev_metrics(run_dir: str, method: str, dev: str, limit: int, threads: int) -
         loss = sum(answer_loss(model, collate([e], tokenizer.pad_token_id)).item() for e in examples)
     answer_tokens = sum(len(e.answer) for e in examples)
     prompts = [verify.Prompt(tokenizer.decode(e.prompt), list(e.prompt), add_bos=False) for e in examples]  # training's ids
-    outputs = verify.greedy_hf(model, prompts, 48, verify.eos_ids(model, tokenizer))
+    outputs = verify.greedy_hf(model, prompts, 48, eos_ids(model, tokenizer))
     programs = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in outputs]
     correct = sum(finqa.score_output(p, r).correct for p, r in zip(programs, records, strict=True))
     return {"dev_examples": len(records), "dev_loss": round(loss / answer_tokens, 4), "dev_accuracy": correct / len(records)}
