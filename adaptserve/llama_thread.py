@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import llama_cpp
-import llama_cpp._ggml
 import psutil
 
 from adaptserve.models import ModelSpec
@@ -54,8 +53,9 @@ os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
 def _load_backends() -> None:
     """A portable build (GGML_BACKEND_DL, as in the Dockerfile) has no CPU backend until one is loaded, and
-    llama-cpp-python never loads one (its issue #2069): load the best of the wheel's libggml-cpu-<variant>.so for this CPU."""
-    ggml = llama_cpp._ggml.libggml
+    llama-cpp-python never loads one (its issue #2069): load the best of the wheel's libggml-cpu-<variant>.so for this CPU.
+    Through libllama's handle, which finds libllama's libggml: llama_cpp._ggml opens another copy, with its own registry."""
+    ggml = llama_cpp.llama_cpp._lib
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     if ggml.ggml_backend_reg_count() == 0:  # a native build has its CPU backend built in
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
