@@ -32,8 +32,9 @@ from typing import Any
 from adaptserve import llama_thread
 from adaptserve.bench.run import machine_info
 from adaptserve.models import resolve
-from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, LlamaCppEngine, SamplingParams, TextDelta
+from adaptserve.serve.engine import DEFAULT_PREFILL_CHUNK, SamplingParams, TextDelta
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed
+from adaptserve.serve.llama_engine import LlamaCppEngine
 
 log = logging.getLogger("benchmarks.batching")
 DISTURBED_CORES = 0.1  # CPU used by other processes during a level, above which its timing is suspect

@@ -15,8 +15,9 @@ import pytest
 from adaptserve import llama_thread
 from adaptserve.export import served
 from adaptserve.models import resolve
-from adaptserve.serve.engine import EngineBusy, LlamaCppEngine, PromptTooLong, SamplingParams, StopMatcher, TextDelta
+from adaptserve.serve.engine import EngineBusy, PromptTooLong, SamplingParams, StopMatcher, TextDelta
 from adaptserve.serve.kvslots import MAX_FILLED_GAP, Feed, KVSlots, common_prefix
+from adaptserve.serve.llama_engine import LlamaCppEngine
 from adaptserve.serve.metrics import Metrics
 
 

@@ -34,7 +34,8 @@ from adaptserve.export import (  # noqa: E402
 from adaptserve.export import gguf as export_gguf  # noqa: E402
 from adaptserve.export.adapter import read_adapter  # noqa: E402
 from adaptserve.models import ADAPTERS_DIR, LORA_GGUF, PACKAGED_DIR, resolve  # noqa: E402
-from adaptserve.serve.engine import LlamaCppEngine, SamplingParams  # noqa: E402
+from adaptserve.serve.engine import SamplingParams  # noqa: E402
+from adaptserve.serve.llama_engine import LlamaCppEngine  # noqa: E402
 
 # A LoRA trained a few steps to answer these with FinQA programs. A trained adapter is confident, as real ones are;
 # randomly perturbed LoRA weights instead leave near-ties in the logits that any rounding flips, so agreement

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from adaptserve import finqa
 from adaptserve.models import resolve
 from adaptserve.models.prompt import PLAIN_STOPS, render, transcript
-from adaptserve.serve.engine import LlamaCppEngine
+from adaptserve.serve.llama_engine import LlamaCppEngine
 from adaptserve.train.data import Chat, encode, load_items
 from adaptserve.train.model import load_tokenizer
 

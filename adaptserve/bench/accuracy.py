@@ -11,15 +11,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from adaptserve import finqa
-from adaptserve.serve.engine import LlamaCppEngine, SamplingParams
-
-if TYPE_CHECKING:
-    from adaptserve.serve.hf_engine import HFEngine
+from adaptserve.serve.engine import Engine, SamplingParams
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -69,9 +65,7 @@ class AccuracyReport:
         return asdict(self)
 
 
-async def predict(
-    engine: LlamaCppEngine | HFEngine, record: finqa.FinQARecord, style: finqa.PromptStyle, max_tokens: int
-) -> Prediction:
+async def predict(engine: Engine, record: finqa.FinQARecord, style: finqa.PromptStyle, max_tokens: int) -> Prediction:
     parts = finqa.record_prompt(record, style, chat=engine.has_chat_template)
     prompt = engine.chat_prompt(parts) if isinstance(parts, list) else engine.tokenize(parts)
     done = await engine.complete(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",)))
@@ -93,7 +87,7 @@ async def predict(
 
 
 def evaluate_finqa(
-    engine: LlamaCppEngine | HFEngine, records: Sequence[finqa.FinQARecord], style: finqa.PromptStyle, max_tokens: int = 96
+    engine: Engine, records: Sequence[finqa.FinQARecord], style: finqa.PromptStyle, max_tokens: int = 96
 ) -> tuple[AccuracyReport, list[Prediction]]:
     """Greedy predictions for every record, one after another (accuracy, not throughput, is measured here)."""
 

@@ -49,8 +49,8 @@ def admin_router(pool: ModelPool, adapter_dirs: list[Path]) -> APIRouter:
     router = APIRouter(prefix="/admin/adapters", tags=["admin"])
 
     def card(name: str) -> AdapterCard:
-        engine = pool.get(name)
-        return AdapterCard(id=name, base=engine.base.spec.name, path=str(engine.base.adapters[name]))
+        base, path = pool.adapter_source(name)
+        return AdapterCard(id=name, base=base, path=str(path))
 
     @router.get("", response_model=AdapterList)
     async def list_adapters() -> AdapterList:

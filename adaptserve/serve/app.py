@@ -1,6 +1,7 @@
 """FastAPI app: translates OpenAI-compatible HTTP into engine calls, and engine events back into HTTP.
 
-Nothing here owns a model or samples a token; see `engine.py` for that.
+Nothing here owns a model or samples a token: the routes speak to the `Engine` interface (engine.py) of the models
+the `ModelPool` serves.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": pool.names}
+        return {"status": "ok", "models": pool.names, "engines": {n: e.describe() for n, e in pool.engines.items()}}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from adaptserve import finqa
-from adaptserve.serve.engine import LlamaCppEngine, SamplingParams
+from adaptserve.serve.engine import Engine, SamplingParams
 from adaptserve.serve.pool import ModelPool
 from adaptserve.serve.schema import FinQARequest, FinQAResponse
-
-if TYPE_CHECKING:
-    from adaptserve.serve.hf_engine import HFEngine
 
 
 def as_sentences(text: list[str] | str) -> list[str]:
     return [text] if isinstance(text, str) else text
 
 
-async def answer_finqa(pool: ModelPool, engine: LlamaCppEngine | HFEngine, req: FinQARequest) -> FinQAResponse:
+async def answer_finqa(pool: ModelPool, engine: Engine, req: FinQARequest) -> FinQAResponse:
     """The model writes a FinQA program for the question; the server executes it, so arithmetic is exact."""
     prompt_parts = finqa.task_prompt(
         req.question,

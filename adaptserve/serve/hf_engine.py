@@ -2,7 +2,7 @@
 
 `HFBase` owns the model, the tokenizer, one request queue and a worker thread. Every served name (the base itself,
 each adapter) is an `HFEngine`: a thin view that tags its requests with its adapter and otherwise presents the
-same interface as `LlamaCppEngine`, so the HTTP layer cannot tell the backends apart. N adapters cost one base
+same `Engine` interface as `LlamaCppEngine`, so the HTTP layer cannot tell the backends apart. N adapters cost one base
 in memory, as in LoRAX or vLLM's multi-LoRA.
 
 Batching is static: the worker takes up to `n_slots` waiting requests, left-pads their prompts into one prefill,
@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,21 @@ from adaptserve.export.config import ExportError
 from adaptserve.export.merge import check_fits
 from adaptserve.models import BUILTINS, ModelSpec
 from adaptserve.models.hf import base_dir, nf4_config
-from adaptserve.models.prompt import adds_bos, eos_ids, hf_template, render, stop_strings
+from adaptserve.models.prompt import adds_bos, eos_ids, hf_template, render
 from adaptserve.serve.config import PRECISIONS
 from adaptserve.serve.engine import (
     DEFAULT_CTX,
     DEFAULT_SLOTS,
     SHUTTING_DOWN,
-    Completion,
-    Event,
+    Engine,
     Failed,
     Finished,
     Generation,
+    Job,
     JobQueue,
+    Output,
     SamplingParams,
-    StopMatcher,
-    TextDelta,
+    WindowDetokenizer,
     completion_budget,
 )
 
@@ -70,27 +70,16 @@ class AdapterError(ValueError):
 
 
 @dataclass
-class _Job:
-    prompt: list[int]
-    params: SamplingParams
-    adapter: str | None
-    emit: Callable[[Event], None]
-    cancelled: threading.Event
-
-
-@dataclass
 class _Row:
-    """One request in the running batch: what it has generated and how its text streams out."""
+    """One request in the running batch: its output, and its own RNG, so that a seeded request repeats whatever it
+    is batched with."""
 
-    job: _Job
-    limit: int
-    stops: StopMatcher
-    generator: torch.Generator | None  # its own RNG, so a seeded request repeats whatever it is batched with
-    started: float
-    ids: list[int] = field(default_factory=list)
-    sent: str = ""  # decoded text already passed to the stop matcher
-    first_token_at: float | None = None
-    done: bool = False  # finished, cancelled or failed: nothing more is emitted for it
+    out: Output
+    generator: torch.Generator | None
+
+    @property
+    def job(self) -> Job:
+        return self.out.job
 
 
 def device_default() -> torch.device:
@@ -181,7 +170,7 @@ class HFBase:
         self._routing: frozenset[str | None] | None = None  # the adapters the LoRA layers are set up for (route)
         self._row_masks: dict[str, torch.Tensor] = {}  # in a mixed batch, each adapter's rows (_mask_rows)
         self._hooks: dict[str, list[RemovableHandle]] = {}
-        self._jobs: JobQueue[_Job] = JobQueue(spec.name, queue_size)
+        self._jobs = JobQueue(spec.name, queue_size)
         self._stopping = threading.Event()
         self.slots_busy = 0
         # Written by the worker only; read by /metrics.
@@ -269,9 +258,6 @@ class HFBase:
             raise ValueError(str(err)) from None
         return self.tokenize(text, add_bos=adds_bos(self.has_chat_template))
 
-    def chat_stops(self) -> tuple[str, ...]:
-        return stop_strings(self.has_chat_template)
-
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
         return completion_budget(prompt, max_tokens, self.n_ctx)
 
@@ -287,7 +273,7 @@ class HFBase:
     ) -> Generation:
         self.budget(prompt, params.max_tokens)
         generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
-        self._jobs.put(_Job(list(prompt), params, adapter, generation.put, generation.cancelled))
+        self._jobs.put(Job(list(prompt), params, generation.put, generation.cancelled, adapter))
         return generation
 
     @property
@@ -332,16 +318,16 @@ class HFBase:
             except Exception as err:  # a failed forward pass fails its batch, not the worker
                 log.exception("batch failed on %s", self.spec.name)
                 for row in rows:
-                    if not row.done:
-                        row.job.emit(Failed(f"{type(err).__name__}: {err}"))
+                    if not row.out.done:
+                        row.out.fail(Failed(f"{type(err).__name__}: {err}"))
             with self._idle:
                 self._active = set()
                 self._idle.notify_all()
             self.slots_busy = 0
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[Job]:
         """Up to n_slots live jobs: wait for one, then take whatever else arrives within GATHER_SECONDS."""
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         deadline = None
         while len(jobs) < self.n_slots:
             try:
@@ -357,13 +343,14 @@ class HFBase:
             deadline = deadline or time.perf_counter() + GATHER_SECONDS
         return jobs
 
-    def _row(self, job: _Job) -> _Row:
+    def _row(self, job: Job) -> _Row:
         generator = None
         if job.params.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(job.params.seed if job.params.seed is not None else random.getrandbits(63))
-        limit = self.budget(job.prompt, job.params.max_tokens)
-        return _Row(job, limit, StopMatcher(job.params.stop), generator, time.perf_counter())
+        detokenizer = WindowDetokenizer(functools.partial(self.tokenizer.decode, skip_special_tokens=True))
+        out = Output(job, self.budget(job.prompt, job.params.max_tokens), detokenizer, time.perf_counter())
+        return _Row(out, generator)
 
     def _forward(self, rows: Sequence[_Row], **inputs: Any) -> tuple[torch.Tensor, Cache]:
         """Last-position logits of every row, each row through its own adapter, and the KV cache. Under the lock:
@@ -435,50 +422,27 @@ class HFBase:
                 [rows[r] for r in live], input_ids=step, attention_mask=mask, position_ids=positions, cache=cache
             )
         for r in live:  # the server is going away
-            if not rows[r].done:
-                rows[r].done = True
-                rows[r].job.emit(SHUTTING_DOWN)
+            if not rows[r].out.done:
+                rows[r].out.fail(SHUTTING_DOWN)
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take a sampled token; returns whether the row goes on."""
         if row.job.cancelled.is_set():
             self.requests_cancelled += 1
-            self._finish(row, "cancelled")
-            return False
-        if token in self._eos:
-            self._finish(row, "stop")
-            return False
-        row.ids.append(token)
-        self.tokens_generated += 1
-        row.first_token_at = row.first_token_at or time.perf_counter()
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
-            text = row.sent
-        new, row.sent = text[len(row.sent) :], text
-        out, stopped = row.stops.push(new)
-        if out:
-            row.job.emit(TextDelta(out))
-        if stopped:
-            self._finish(row, "stop", cut=True)
-        elif len(row.ids) >= row.limit:
-            self._finish(row, "length")
-        return not row.done
-
-    def _finish(self, row: _Row, reason: str, cut: bool = False) -> None:
-        if not cut:  # text held back as a possible stop-string prefix, or a character never completed, is output
-            tail = row.stops.flush() + self.tokenizer.decode(row.ids, skip_special_tokens=True)[len(row.sent) :]
-            if tail:
-                row.job.emit(TextDelta(tail))
-        row.done = True
-        ttft = row.first_token_at - row.started if row.first_token_at else None
-        row.job.emit(Finished(reason, len(row.job.prompt), len(row.ids), ttft))
+            row.out.finish("cancelled")
+        elif token in self._eos:
+            row.out.finish("stop")
+        else:
+            self.tokens_generated += 1
+            reason = row.out.add(token)
+            if reason is not None:
+                row.out.finish(reason)
+        return not row.out.done
 
 
-class HFEngine:
-    """A served model name on an `HFBase`: the base itself (`adapter=None`) or one of its adapters.
-
-    Presents LlamaCppEngine's interface; slot and token counters are the shared base's.
-    """
+class HFEngine(Engine):
+    """A served model name on an `HFBase`: the base itself (`adapter=None`) or one of its adapters. Slot and token
+    counters are the shared base's."""
 
     def __init__(self, base: HFBase, spec: ModelSpec, adapter: str | None) -> None:
         self.base, self.spec, self.adapter = base, spec, adapter
@@ -498,12 +462,6 @@ class HFEngine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.base.chat_prompt(messages)
 
-    def chat_stops(self) -> tuple[str, ...]:
-        return self.base.chat_stops()
-
-    def budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        return self.base.budget(prompt, max_tokens)
-
     def submit(
         self,
         prompt: list[int],
@@ -516,8 +474,19 @@ class HFEngine:
     def drain(self, timeout: float) -> None:
         self.base.drain(timeout)
 
-    async def complete(self, prompt: list[int], params: SamplingParams) -> Completion:
-        return await self.submit(prompt, params).collect()
+    def describe(self) -> dict[str, Any]:
+        base = self.base
+        return {
+            "backend": "transformers",
+            "base": base.spec.name,
+            "adapter": self.adapter,
+            "device": str(base.device),
+            "dtype": str(base.model.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads() if base.device.type == "cpu" else None,
+            "n_slots": base.n_slots,
+            "n_ctx": base.n_ctx,
+            "chat_template": base.has_chat_template,
+        }
 
     @property
     def queue_depth(self) -> int:

@@ -122,6 +122,7 @@ class KVSlots:
         params.type_k, params.type_v = cache["type_k"], cache["type_v"]
         flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache["flash_attn"] else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.flash_attn_type = flash
+        self.kv_cache = kv_cache
         self.cut_anywhere = kv_cache != "f16"  # a prompt's K/V is the same however its calls cut it (module docstring)
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 from adaptserve import finqa
 from adaptserve.models import ModelSpec, resolve
 from adaptserve.serve.config import ServeConfig
-from adaptserve.serve.engine import EngineBusy, Generation, InvalidPrompt, LlamaCppEngine, PromptTooLong, SamplingParams
+from adaptserve.serve.engine import Engine, EngineBusy, Generation, InvalidPrompt, PromptTooLong, SamplingParams
 from adaptserve.serve.errors import APIError, invalid, overloaded
 from adaptserve.serve.metrics import Metrics
 
 if TYPE_CHECKING:
-    from adaptserve.serve.hf_engine import HFBase, HFEngine
+    from adaptserve.serve.hf_engine import HFBase
 
 
 def pick_backend(choice: str) -> str:
@@ -42,9 +42,10 @@ class ModelPool:
     def __init__(self, specs: list[ModelSpec], config: ServeConfig, metrics: Metrics) -> None:
         self.specs, self.config, self.metrics = specs, config, metrics
         self.backend = pick_backend(config.backend)
-        self.engines: dict[str, LlamaCppEngine | HFEngine] = {}
+        self.engines: dict[str, Engine] = {}
         self.finqa_styles: dict[str, finqa.PromptStyle] = {}
         self.bases: dict[str, HFBase] = {}  # transformers backend: one loaded base per base location
+        self.adapters: dict[str, HFBase] = {}  # transformers backend: served adapter name -> the base it is on
 
     @property
     def names(self) -> list[str]:
@@ -53,13 +54,20 @@ class ModelPool:
     @property
     def adapter_names(self) -> list[str]:
         """Served names that are LoRA adapters on a shared transformers base (loadable and unloadable)."""
-        return [name for name, engine in self.engines.items() if getattr(engine, "adapter", None) is not None]
+        return list(self.adapters)
+
+    def adapter_source(self, name: str) -> tuple[str, Path]:
+        """The base an adapter is served on, and the directory it was loaded from."""
+        base = self.adapters[name]
+        return base.spec.name, base.adapters[name]
 
     def load(self) -> None:
         if self.backend == "transformers":
             for spec in self.specs:
                 self._load_hf(spec)
             return
+        from adaptserve.serve.llama_engine import LlamaCppEngine
+
         for spec in self.specs:
             engine = LlamaCppEngine(
                 self._runnable(spec),
@@ -98,6 +106,7 @@ class ModelPool:
 
         if adapter is not None:
             self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
+            self.adapters[spec.name] = base
         self.engines[spec.name] = HFEngine(base, spec, adapter)
         self.metrics.watch_engine(spec.name, self.engines[spec.name])
 
@@ -134,18 +143,19 @@ class ModelPool:
         raise AdapterError(f"adapter {path.name} records base {recorded!r}, which this server does not serve")
 
     def remove_adapter(self, name: str) -> None:
-        engine = self.engines.pop(name)
+        del self.engines[name]
+        base = self.adapters.pop(name)
         self.specs = [s for s in self.specs if s.name != name]
         self.finqa_styles.pop(name, None)
         self.metrics.unwatch_engine(name)
-        engine.base.unload_adapter(name)
+        base.unload_adapter(name)
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
 
-    def start(self, engine: LlamaCppEngine | HFEngine, prompt: list[int], params: SamplingParams) -> Generation:
+    def start(self, engine: Engine, prompt: list[int], params: SamplingParams) -> Generation:
         """Submit with the server's error mapping: a too-long prompt is the client's fault, a full queue is not."""
         if params.max_tokens is None:  # "up to the end of the context", but never past the server's cap
             room = max(engine.n_ctx - len(prompt), 0)  # 0 lets budget() raise the context error
@@ -169,7 +179,7 @@ class ModelPool:
     def finqa_style(self, name: str) -> finqa.PromptStyle:
         return self.finqa_styles.get(name, finqa.BASE_STYLE)
 
-    def get(self, name: str | None) -> LlamaCppEngine | HFEngine:
+    def get(self, name: str | None) -> Engine:
         name = name or self.names[0]
         if name not in self.engines:
             raise APIError(

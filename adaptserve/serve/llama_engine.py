@@ -1,0 +1,342 @@
+"""llama.cpp engine: one GGUF model, its request queue, its batch scheduler and its sampling.
+
+The scheduler runs continuous batching on the process's one llama.cpp thread (`llama_thread.py`), a step at a time
+in turn with the other engines': queued requests are admitted into free KV slots (`kvslots.py`), prompts are
+prefilled a chunk per step, and every running sequence advances one token per `llama_decode`, each sampled from its
+own logits row with its own sampler. ctypes drops the GIL during decode, so the event loop keeps serving HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import queue
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from adaptserve import llama_thread
+from adaptserve.models import ModelSpec
+from adaptserve.models.prompt import Template, adds_bos, render
+from adaptserve.serve.engine import (
+    DEFAULT_CTX,
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_SLOTS,
+    SHUTTING_DOWN,
+    ByteDetokenizer,
+    Engine,
+    Failed,
+    Finished,
+    Generation,
+    Job,
+    JobQueue,
+    Output,
+    SamplingParams,
+)
+from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
+
+log = logging.getLogger(__name__)
+
+_UNUSED_CTX = 256  # the Llama's own context: never decoded on, see LlamaCppEngine.__init__
+
+
+@dataclass
+class _Sequence:
+    """An admitted request: the slot it decodes in, its sampler, and its output."""
+
+    out: Output
+    slot: Slot
+    sampler: _internals.LlamaSampler | None  # None: greedy (KVSlots.sample)
+    pending: list[int]  # prompt tokens not decoded yet
+    next_token: int = -1  # sampled, to be decoded in the next step
+
+    @property
+    def job(self) -> Job:
+        return self.out.job
+
+    def close_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+
+
+def _sampler(params: SamplingParams) -> _internals.LlamaSampler | None:
+    """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p,
+    penalties); None for greedy, which KVSlots.sample does itself."""
+    if params.temperature == 0:
+        return None
+    sampler = _internals.LlamaSampler()
+    sampler.add_top_p(params.top_p, 1)
+    sampler.add_temp(params.temperature)
+    sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+    return sampler
+
+
+class LlamaCppEngine(Engine):
+    """One GGUF model on CPU (or whatever llama.cpp was built for): a bounded FIFO queue in front of `n_slots`
+    sequences that decode together, each with a context window of `n_ctx` tokens.
+
+    `prefill_chunk` caps the prompt tokens one scheduling step takes beside the running sequences' one token each,
+    so a long prompt delays the running streams by a chunk per step rather than by its whole prefill.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        n_ctx: int = DEFAULT_CTX,
+        n_threads: int | None = None,
+        queue_size: int = 64,
+        n_slots: int = DEFAULT_SLOTS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache: str = DEFAULT_KV_CACHE,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be positive")
+        self.name = spec.name
+        self.spec = spec
+        # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
+        # so the Llama's own context is left at the smallest size. Prefill and decode use the same threads: one per
+        # physical core unless told (llama-cpp-python's defaults decode on half the logical CPUs).
+        self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX, lora_path=spec.lora)
+        self.n_threads: int = self.llm.n_threads
+        self.prefill_chunk = prefill_chunk
+        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
+        self.n_ctx = self.slots.n_ctx
+        self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
+        self._template = self._chat_template()
+        self._jobs = JobQueue(self.name, queue_size)
+        self._held: list[tuple[Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
+        self._running: list[_Sequence] = []  # in admission order: earlier prompts get the prefill budget first
+        # Written by the scheduler only; read by /metrics. Counted here, not in HTTP, so abandoned work shows too.
+        self.tokens_generated = 0
+        self.requests_cancelled = 0
+        llama_thread.attach(self._tick)
+        log.info(
+            "loaded %s (%s) threads=%d slots=%d n_ctx=%d per slot kv_cache=%s prefill_chunk=%d chat_template=%s",
+            self.name,
+            llama_thread.gguf_name(spec),
+            self.n_threads,
+            n_slots,
+            self.n_ctx,
+            kv_cache,
+            prefill_chunk,
+            self.has_chat_template,
+        )
+
+    # ---- prompt side: runs on the caller's thread, touches only the tokenizer ----
+
+    def _chat_template(self) -> Template | None:
+        """The GGUF's own chat template, rendered by llama-cpp-python's Jinja2 formatter; None if it has none."""
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = self.llm._model
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        )
+        return lambda messages: formatter(messages=list(messages)).prompt
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages rendered as `adaptserve.models.prompt` says: the GGUF's chat template, else a plain transcript
+        (which base models continue sensibly)."""
+        return self.tokenize(render(messages, self._template), add_bos=adds_bos(self.has_chat_template))
+
+    # ---- request side: async API for the HTTP layer ----
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_finish: Callable[[Finished], None] | None = None,
+        timeout: float | None = None,
+    ) -> Generation:
+        self.budget(prompt, params.max_tokens)
+        generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
+        self._jobs.put(Job(list(prompt), params, generation.put, generation.cancelled))
+        llama_thread.wake()
+        return generation
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize() + len(self._held)
+
+    # Slot occupancy and prefix-cache counters, for /metrics
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots.slots)
+
+    @property
+    def slots_busy(self) -> int:
+        return self.slots.busy
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.slots.prompt_tokens
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return self.slots.cached_prompt_tokens
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "llama.cpp",
+            "weights": llama_thread.gguf_name(self.spec),
+            "threads": self.n_threads,
+            "n_slots": self.n_slots,
+            "n_ctx": self.n_ctx,
+            "kv_cache": self.slots.kv_cache,
+            "prefill_chunk": self.prefill_chunk,
+            "chat_template": self.has_chat_template,
+        }
+
+    def drain(self, timeout: float) -> None:
+        self._jobs.drain(timeout)
+
+    def close(self) -> None:
+        llama_thread.run(self._stop)
+        self.slots.close()
+        self.llm.close()
+        log.info("closed %s", self.name)
+
+    # ---- the scheduler: runs on the llama.cpp thread, a step at a time, in turn with the other engines ----
+
+    def _tick(self) -> bool:
+        """Admit what fits, then one decode step; whether there is more to do without new requests (sequences
+        running, or requests waiting for the slots this step may have freed)."""
+        running = self._running
+        if self._jobs.past_deadline():
+            self._shed(running)
+        self._admit(running)
+        try:
+            self._step(running)
+        except Exception as err:  # a failed decode leaves every sequence in it unusable, not the scheduler
+            log.exception("decode step failed on %s", self.name)
+            self._fail(running, Failed(f"{type(err).__name__}: {err}"))
+        return bool(running or self._held) or self._jobs.qsize() > 0
+
+    def _stop(self) -> None:
+        llama_thread.detach(self._tick)
+        self._shed(self._running)
+
+    def _shed(self, running: list[_Sequence]) -> None:
+        """Fail every request the engine holds, running or waiting: the server is going away."""
+        self._fail(running, SHUTTING_DOWN)
+        for job, _ in self._held:
+            job.emit(SHUTTING_DOWN)
+        self._held.clear()
+        self._jobs.fail_queued()
+
+    def _admit(self, running: list[_Sequence]) -> None:
+        """Start jobs in free slots: held-back ones first, then queued ones."""
+        held, self._held = self._held, []
+        for job, dequeued in held:
+            self._place(job, dequeued, running)
+        while self.slots.has_free():
+            try:
+                job = self._jobs.get(block=False)
+            except queue.Empty:
+                return
+            if job is not None:  # None only wakes a worker blocked in get(), which this one never is
+                self._place(job, time.perf_counter(), running)
+
+    def _place(self, job: Job, dequeued: float, running: list[_Sequence]) -> None:
+        if job.cancelled.is_set():
+            self.requests_cancelled += 1
+        elif not self.slots.has_free() or self._awaits_prefix(job, running):
+            self._held.append((job, dequeued))
+        else:
+            try:
+                running.append(self._start(job, dequeued))
+            except Exception as err:  # a broken request must not stop the scheduler
+                log.exception("could not start a generation on %s", self.name)
+                job.emit(Failed(f"{type(err).__name__}: {err}"))
+
+    def _awaits_prefix(self, job: Job, running: list[_Sequence]) -> bool:
+        """Whether a running prompt is still prefilling a prefix it shares with this one, a chunk longer than any
+        slot holds yet: requests that arrive together (FinQA with the same exemplars) then compute it only once."""
+        have = max(slot.prefix(job.prompt) for slot in self.slots.slots)
+        for seq in running:
+            shared = common_prefix(seq.job.prompt, job.prompt)
+            if seq.pending and shared >= have + self.prefill_chunk and len(seq.slot.cached) < shared:
+                return True
+        return False
+
+    def _start(self, job: Job, dequeued: float) -> _Sequence:
+        limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
+        # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
+        slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk)
+        out = Output(job, limit, ByteDetokenizer(self._piece), dequeued)
+        return _Sequence(out, slot, sampler, job.prompt[cached:])
+
+    def _step(self, running: list[_Sequence]) -> None:
+        """Up to `prefill_chunk` prompt tokens, then each running sequence's next token in one llama_decode.
+
+        With the f16 cache prompts advance by chunks of their grid (positions cut at multiples of `prefill_chunk`;
+        see kvslots.py); with the 8-bit cache, where any cut gives the same K/V, by whole chunks from wherever a
+        prefix hit ended, so that a hit off the grid costs no extra call. The earliest admitted go first, each chunk
+        in a llama_decode of its own: in the same call as other sequences' tokens, llama.cpp's micro-batching took
+        one of its tokens in with theirs, decoded like a lone token. Prefill goes first so that a prompt finished in
+        this step joins the decode in it: its slot idles one step less (an idle slot is a placeholder row or a
+        second pass; see KVSlots.decode).
+        """
+        for seq in [s for s in running if s.job.cancelled.is_set()]:
+            self.requests_cancelled += 1
+            self._finish(running, seq, "cancelled")
+        budget, grid = self.prefill_chunk, 1 if self.slots.cut_anywhere else self.prefill_chunk
+        for seq in [s for s in running if s.pending]:
+            take = min(self.prefill_chunk - len(seq.slot.cached) % grid, len(seq.pending))
+            if take > budget:
+                continue
+            chunk, seq.pending = seq.pending[:take], seq.pending[take:]
+            budget -= take
+            (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending)])
+            if row >= 0:
+                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+        decoding = [s for s in running if not s.pending]  # KVSlots.decode puts them in slot order, gaps filled
+        if decoding:
+            rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
+            for seq, row in zip(decoding, rows, strict=True):
+                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+
+    def _piece(self, token: int) -> bytes:
+        return self.llm.detokenize([token])
+
+    def _advance(self, running: list[_Sequence], seq: _Sequence, token: int) -> None:
+        if self._eog(token):
+            self._finish(running, seq, "stop")
+            return
+        self.tokens_generated += 1
+        reason = seq.out.add(token)
+        if reason is not None:
+            self._finish(running, seq, reason)
+        else:
+            seq.next_token = token
+
+    def _finish(self, running: list[_Sequence], seq: _Sequence, reason: str) -> None:
+        running.remove(seq)
+        self.slots.release(seq.slot)
+        seq.close_sampler()
+        seq.out.finish(reason)
+
+    def _fail(self, running: list[_Sequence], failure: Failed) -> None:
+        for seq in running:
+            self.slots.reset(seq.slot)
+            seq.close_sampler()
+            seq.out.fail(failure)
+        running.clear()
