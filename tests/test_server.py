@@ -24,7 +24,9 @@ def sse_events(text: str) -> list[str]:
 
 
 def test_health_and_models(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok", "models": SERVED}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["models"] == SERVED == list(health["engines"])
+    assert all(e["backend"] == "llama.cpp" and e["n_ctx"] == 2048 for e in health["engines"].values())
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == SERVED
 
 
@@ -162,7 +164,9 @@ BAD_REQUESTS = [
     ("max_tokens negative", "/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, None),
     ("max_tokens over cap", CHAT, {"messages": HELLO, "max_tokens": 100_000}, 400, None),
     ("temperature out of range", CHAT, {"messages": HELLO, "temperature": 7}, 400, None),
-    ("several choices", CHAT, {"messages": HELLO, "n": 3}, 400, None),
+    ("too many choices", CHAT, {"messages": HELLO, "n": 17}, 400, None),
+    ("best_of below n", "/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, None),
+    ("top_logprobs without logprobs", CHAT, {"messages": HELLO, "top_logprobs": 2}, 400, None),
     ("too many stops", CHAT, {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ("prompt over context", "/v1/completions", {"prompt": "word " * 5000, "max_tokens": 4}, 400, "context_length_exceeded"),
     (

@@ -1,42 +1,28 @@
-"""FastAPI app: translates OpenAI-compatible HTTP into engine calls, and engine events back into HTTP.
-
-Nothing here owns a model or samples a token: the routes speak to the `Engine` interface (engine.py) of the models
-the `ModelPool` serves.
-"""
+"""FastAPI app: the routes, middleware and lifespan. The OpenAI endpoints' work is in serving.py, FinQA's in
+finqa_answer.py; both speak to the `Engine` interface (engine.py) of the models the `ModelPool` serves."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response
 
 from adaptserve.models import resolve
 from adaptserve.serve.config import ServeConfig
-from adaptserve.serve.engine import EngineError, Finished, Generation, SamplingParams, TextDelta
-from adaptserve.serve.errors import APIError, add_error_handlers, engine_failure, invalid
+from adaptserve.serve.errors import add_error_handlers
 from adaptserve.serve.finqa_answer import answer_finqa
 from adaptserve.serve.guard import Guard, env_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
 from adaptserve.serve.pool import ModelPool
 from adaptserve.serve.schema import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -44,76 +30,13 @@ from adaptserve.serve.schema import (
     FinQAResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
-    Usage,
 )
+from adaptserve.serve.serving import chat, complete, unless_gone
 from adaptserve.serve.ui_mount import LazyUI
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
-
-
-def sampling_params(req: SamplingFields, cap: int, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-    if req.max_tokens is not None and req.max_tokens > cap:
-        raise invalid(f"max_tokens must be at most {cap}", param="max_tokens")
-    return SamplingParams(
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop_list() + extra_stops,
-        seed=req.seed,
-    )
-
-
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-def usage_of(finish: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finish.prompt_tokens,
-        completion_tokens=finish.completion_tokens,
-        total_tokens=finish.prompt_tokens + finish.completion_tokens,
-    )
-
-
-async def stream_sse(
-    generation: Generation, chunk: Callable[[str | None, str | None], dict], include_usage: bool
-) -> AsyncIterator[str]:
-    """Engine events -> OpenAI SSE lines; `chunk(text, finish_reason)` shapes one event for the endpoint."""
-    try:
-        async for event in generation.events():
-            if isinstance(event, TextDelta):
-                yield sse(chunk(event.text, None))
-            else:
-                yield sse(chunk(None, event.finish_reason))
-                if include_usage:  # OpenAI's closing chunk: no choices, just the usage
-                    yield sse({**chunk(None, None), "choices": [], "usage": usage_of(event).model_dump()})
-    except EngineError as err:  # headers are gone already: report in-band, as OpenAI does
-        yield sse(engine_failure(err).body())
-    yield sse("[DONE]")
-
-
-async def unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Await `work` while watching the connection: a client that hangs up on a non-streamed request cancels its
-    generation, as a streamed one does (which notices by itself), rather than leaving it to run for nobody."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        task.cancel()  # a no-op once it is done; else its generation is cancelled with it
-    if task not in done:  # nobody reads this answer, but the access log and /metrics show why it ended
-        raise APIError(499, "the client closed the connection", "invalid_request_error", "client_closed")
-    return task.result()
-
-
-async def disconnected(request: Request) -> None:
-    """Returns when the client goes: after the body, the next message on a connection is its disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -171,56 +94,18 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         now = int(time.time())
         return ModelList(data=[ModelCard(id=s.name, created=now, description=s.description) for s in pool.specs])
 
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)
+    async def retrieve_model(model: str) -> ModelCard:
+        spec = pool.spec(model)
+        return ModelCard(id=spec.name, created=int(time.time()), description=spec.description)
+
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(req: CompletionRequest, request: Request) -> Response | CompletionResponse:
-        engine = pool.get(req.model)
-        generation = pool.start(engine, engine.tokenize(req.prompt_text()), sampling_params(req, config.max_tokens_cap))
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(text: str | None, finish: str | None) -> dict:
-            choice = CompletionChoice(text=text or "", finish_reason=finish)
-            return CompletionResponse(id=rid, created=now, model=engine.name, choices=[choice]).model_dump(exclude_none=True)
-
-        if req.stream:
-            return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await unless_gone(request, generation.collect())
-        return CompletionResponse(
-            id=rid,
-            created=now,
-            model=engine.name,
-            usage=usage_of(done.finish),
-            choices=[CompletionChoice(text=done.text, finish_reason=done.finish.finish_reason)],
-        )
+        return await complete(pool, req, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
-        engine = pool.get(req.model)
-        try:
-            prompt = engine.chat_prompt(req.message_dicts())
-        except ValueError as err:  # the template itself rejected the conversation (e.g. roles out of order)
-            raise invalid(f"chat template rejected the messages: {err}", param="messages") from None
-        generation = pool.start(engine, prompt, sampling_params(req, config.max_tokens_cap, engine.chat_stops()))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        first = True
-
-        def chunk(text: str | None, finish: str | None) -> dict:
-            nonlocal first
-            delta = ChatDelta(role="assistant" if first else None, content=text)
-            first = False
-            return ChatCompletionChunk(
-                id=rid, created=now, model=engine.name, choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]
-            ).model_dump(exclude_none=True)
-
-        if req.stream:
-            return StreamingResponse(stream_sse(generation, chunk, req.wants_usage()), media_type="text/event-stream")
-        done = await unless_gone(request, generation.collect())
-        return ChatCompletionResponse(
-            id=rid,
-            created=now,
-            model=engine.name,
-            usage=usage_of(done.finish),
-            choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish.finish_reason)],
-        )
+        return await chat(pool, req, request)
 
     @app.post("/v1/finqa", response_model=FinQAResponse)
     async def finqa_answer(req: FinQARequest, request: Request) -> FinQAResponse:

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from adaptserve.models import ModelSpec
 from adaptserve.models.prompt import stop_strings
 
@@ -54,11 +56,52 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the completion holds already
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the completion so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, with the k most likely alternatives
+    echo: bool = False  # also the prompt tokens' log-probabilities (with `logprobs`), computed without the prefix cache
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """Nothing to apply to the logits before picking a token: no penalties, no bias."""
+        return not (self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (before temperature, penalties and bias), from the logits row
+    it was sampled from, and the most likely tokens of that row. A prompt's first token has none."""
+
+    token: int
+    piece: bytes
+    logprob: float | None
+    top: tuple[tuple[int, bytes, float], ...] = ()  # (token, piece, logprob), most likely first
+
+
+def logprobs_of(rows: np.ndarray, tokens: Sequence[int], k: int, piece: Callable[[int], bytes]) -> list[TokenLogprob]:
+    """Each token's log-probability in the softmax of its logits row (rows x vocabulary), with the k most likely
+    tokens of the row; the chosen and the top ones come from one computation, so they compare exactly."""
+    rows = np.atleast_2d(rows)
+    peak = rows.max(axis=1, keepdims=True)
+    norm = peak[:, 0] + np.log(np.exp(rows - peak, dtype=np.float64).sum(axis=1))
+    out = []
+    for row, token, lse in zip(rows, tokens, norm, strict=True):
+        top = np.argpartition(row, -k)[-k:] if k else np.empty(0, dtype=np.int64)
+        top = top[np.argsort(-row[top], kind="stable")]
+        alternatives = tuple((int(t), piece(int(t)), float(row[t]) - float(lse)) for t in top)
+        out.append(TokenLogprob(int(token), piece(int(token)), float(row[token]) - float(lse), alternatives))
+    return out
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this text came from, when asked for
 
 
 @dataclass(frozen=True)
@@ -92,6 +135,7 @@ _EXPIRED = _Expired()
 class Completion:
     text: str
     finish: Finished
+    logprobs: tuple[TokenLogprob, ...] = ()  # the prompt's first when echoed, then the text's tokens
 
 
 class Generation:
@@ -141,11 +185,13 @@ class Generation:
 
     async def collect(self) -> Completion:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async for event in self.events():
             if isinstance(event, TextDelta):
                 parts.append(event.text)
+                logprobs += event.logprobs
             else:
-                return Completion("".join(parts), event)
+                return Completion("".join(parts), event, tuple(logprobs))
         raise EngineError("generation ended without a result")
 
 
@@ -170,6 +216,7 @@ class Engine(Protocol):
     name: str
     spec: ModelSpec
     n_ctx: int  # context window of one request, prompt and completion together
+    n_vocab: int  # token ids run from 0 to n_vocab - 1
     has_chat_template: bool  # else chats are rendered as the plain transcript (models.prompt)
     queue_depth: int  # requests waiting for a slot
     n_slots: int
@@ -180,6 +227,8 @@ class Engine(Protocol):
     requests_cancelled: int
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages rendered as `adaptserve.models.prompt` says, tokenized."""
@@ -357,23 +406,34 @@ class Output:
         self.first_token_at: float | None = None
         self.cut = False  # a stop string ended it
         self.done = False  # finished or failed: nothing more is emitted
+        self._logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
 
-    def add(self, token: int) -> str | None:
+    def prompt_logprobs(self, logprobs: Sequence[TokenLogprob]) -> None:
+        """The prompt's tokens with their log-probabilities (echo): emitted ahead of any completion text."""
+        self.job.emit(TextDelta("", tuple(logprobs)))
+
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> str | None:
         """Take a sampled token that is not end-of-generation; the finish reason if the request ends with it."""
         self.n += 1
         self.first_token_at = self.first_token_at or time.perf_counter()
+        if logprob is not None:
+            self._logprobs.append(logprob)
         text, self.cut = self.stops.push(self.detokenizer.push(token))
         if text:
-            self.job.emit(TextDelta(text))
+            self._emit(text)
         if self.cut:
             return "stop"
         return "length" if self.n >= self.limit else None
 
+    def _emit(self, text: str) -> None:
+        self.job.emit(TextDelta(text, tuple(self._logprobs)))
+        self._logprobs.clear()
+
     def finish(self, reason: str) -> None:
         if not self.cut:  # text held back as a possible stop-string prefix, or an unfinished character, is output
             tail = self.stops.flush() + self.detokenizer.flush()
-            if tail:
-                self.job.emit(TextDelta(tail))
+            if tail or self._logprobs:
+                self._emit(tail)
         self.done = True
         ttft = self.first_token_at - self.started if self.first_token_at else None
         self.job.emit(Finished(reason, len(self.job.prompt), self.n, ttft))

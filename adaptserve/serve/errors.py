@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve.serve.engine import EngineBusy, EngineError, TimedOut
+from adaptserve.serve.schema import UnsupportedParameter
 
 
 class APIError(Exception):
@@ -60,6 +61,9 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, UnsupportedParameter):
+            return invalid(str(cause), "unsupported_parameter", cause.param).response()
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
         message = (

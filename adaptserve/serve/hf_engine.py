@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,10 @@ from adaptserve.serve.engine import (
     JobQueue,
     Output,
     SamplingParams,
+    TokenLogprob,
     WindowDetokenizer,
     completion_budget,
+    logprobs_of,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class _Row:
 
     out: Output
     generator: torch.Generator | None
+    history: list[int] = field(default_factory=list)  # tokens sampled so far, for penalties
 
     @property
     def job(self) -> Job:
@@ -122,9 +125,17 @@ def recorded_base(path: Path) -> str:
     return adapter.recorded_base
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row of logits: greedy at temperature 0, else nucleus sampling at that temperature."""
-    if params.temperature == 0:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, history: list[int]) -> int:
+    """One token from one row of logits, after the request's logit bias and its penalties on the tokens of its
+    completion so far (`history`): greedy at temperature 0, else nucleus sampling at that temperature."""
+    if not params.plain:
+        logits = logits.float().clone()
+        for token, bias in params.logit_bias:
+            logits[token] += bias
+        if history:
+            seen, counts = torch.tensor(history, device=logits.device).unique(return_counts=True)
+            logits[seen] -= params.frequency_penalty * counts + params.presence_penalty
+    if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -148,8 +159,8 @@ class HFBase:
         precision: str = "auto",
     ) -> None:
         if n_threads is not None:
-            # Process-wide. On a busy CPU fewer threads than cores is far faster: torch's threads spin-wait on each
-            # other, and one descheduled thread stalls every matmul (2 threads on 2 shared cores: 30x slower).
+            # Process-wide. On a busy CPU fewer threads than cores can be far faster: torch's threads spin-wait on
+            # each other, and one descheduled thread stalls every matmul (benchmarks/serving.md).
             torch.set_num_threads(n_threads)
         self.spec = spec
         self.device = device or device_default()
@@ -158,6 +169,7 @@ class HFBase:
         self.tokenizer = AutoTokenizer.from_pretrained(location)
         config = self.model.config
         self.n_ctx = min(n_ctx, getattr(config, "max_position_embeddings", n_ctx))
+        self.n_vocab: int = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
         self.n_slots = n_slots
         self._template = hf_template(self.tokenizer)
         self._eos = eos_ids(self.model, self.tokenizer)
@@ -352,23 +364,35 @@ class HFBase:
         out = Output(job, self.budget(job.prompt, job.params.max_tokens), detokenizer, time.perf_counter())
         return _Row(out, generator)
 
-    def _forward(self, rows: Sequence[_Row], **inputs: Any) -> tuple[torch.Tensor, Cache]:
-        """Last-position logits of every row, each row through its own adapter, and the KV cache. Under the lock:
-        peft rewires modules when another thread loads an adapter."""
+    def _forward(self, rows: Sequence[_Row], every: bool = False, **inputs: Any) -> tuple[torch.Tensor, Cache]:
+        """Logits of every row (rows x positions x vocabulary; the last position only unless `every`), each row
+        through its own adapter, and the KV cache. Under the lock: peft rewires modules when an adapter loads."""
         with self._lock:
             if isinstance(self.model, PeftModel):
                 self.route([r.job.adapter for r in rows])
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.cache
+            out = self.model(**inputs, use_cache=True, logits_to_keep=0 if every else 1)
+        return out.logits, out.cache
+
+    def _piece(self, token: int) -> bytes:
+        return self.tokenizer.decode([token]).encode()
+
+    def _echo(self, rows: list[_Row], logits: torch.Tensor, width: int) -> None:
+        """The prompt log-probabilities of the rows that asked for them, from the prefill's logits at every position
+        (prompts are left-padded to `width`)."""
+        for i, row in enumerate(rows):
+            params, prompt = row.job.params, row.job.prompt
+            if params.echo:
+                predicted = logits[i, width - len(prompt) : width - 1].float().cpu().numpy()
+                later = logprobs_of(predicted, prompt[1:], params.logprobs or 0, self._piece)
+                row.out.prompt_logprobs([TokenLogprob(prompt[0], self._piece(prompt[0]), None), *later])
 
     def route(self, wanted: list[str | None]) -> None:
         """Set the LoRA layers up for a batch whose rows want these adapters (None: the base): all off for a batch
         on the base alone; else the batch's adapters active, and where rows differ, each adapter's input masked to
-        its own rows. peft's own per-row routing (`adapter_names`) indexes every LoRA layer's input per adapter and
-        hooks every module on each call: on a model of SmolLM2's shape without compute (host time alone, 2-core
-        CPU) 4 mixed rows took 42 ms a step routed that way, 21 ms masked, 20 ms on one adapter; on CUDA each of
-        its indexes is a host-to-device copy. Switching adapters walks the modules, so it happens only when the
-        next batch wants others. Public for measuring a step as the worker routes it; call it only while no batch runs."""
+        its own rows, which costs less than peft's per-row routing (`adapter_names`: an index of every LoRA layer's
+        input per adapter per call; benchmarks/serving.md). Switching adapters walks the modules, so it happens
+        only when the next batch wants others. Public for measuring a step as the worker routes it; call it only
+        while no batch runs."""
         adapters = frozenset(wanted)
         if adapters != self._routing:
             assert isinstance(self.model, PeftModel)
@@ -403,11 +427,17 @@ class HFBase:
             self.prompt_tokens += n
         mask = mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(rows, input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions)
+        echo = any(r.job.params.echo for r in rows)
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask, "position_ids": positions}
+        logits, cache = self._forward(rows, every=echo, **inputs)
+        if echo:
+            self._echo(rows, logits, width)
+        logits = logits[:, -1]
         live = list(range(len(rows)))  # batch row -> index into rows
         while True:
-            tokens = [sample(logits[b], rows[r].job.params, rows[r].generator) for b, r in enumerate(live)]
-            keep = [b for b, (r, token) in enumerate(zip(live, tokens, strict=True)) if self._advance(rows[r], token)]
+            tokens = [sample(logits[b], rows[r].job.params, rows[r].generator, rows[r].history) for b, r in enumerate(live)]
+            going = [self._advance(rows[r], token, logits[b]) for b, (r, token) in enumerate(zip(live, tokens, strict=True))]
+            keep = [b for b, on in enumerate(going) if on]
             if not keep or self._stopping.is_set() or self._jobs.past_deadline():
                 break
             if len(keep) < len(live):  # finished rows leave the batch and the cache
@@ -421,12 +451,13 @@ class HFBase:
             logits, cache = self._forward(
                 [rows[r] for r in live], input_ids=step, attention_mask=mask, position_ids=positions, cache=cache
             )
+            logits = logits[:, -1]
         for r in live:  # the server is going away
             if not rows[r].out.done:
                 rows[r].out.fail(SHUTTING_DOWN)
 
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Take a sampled token; returns whether the row goes on."""
+    def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+        """Take a token sampled from `logits`; returns whether the row goes on."""
         if row.job.cancelled.is_set():
             self.requests_cancelled += 1
             row.out.finish("cancelled")
@@ -434,7 +465,10 @@ class HFBase:
             row.out.finish("stop")
         else:
             self.tokens_generated += 1
-            reason = row.out.add(token)
+            row.history.append(token)
+            k = row.job.params.logprobs
+            logprob = None if k is None else logprobs_of(logits.float().cpu().numpy(), [token], k, self._piece)[0]
+            reason = row.out.add(token, logprob)
             if reason is not None:
                 row.out.finish(reason)
         return not row.out.done
@@ -456,8 +490,15 @@ class HFEngine(Engine):
     def n_ctx(self) -> int:
         return self.base.n_ctx
 
+    @property
+    def n_vocab(self) -> int:
+        return self.base.n_vocab
+
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.base.tokenize(text, add_bos)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.base.tokenizer.decode(list(tokens))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.base.chat_prompt(messages)

@@ -90,11 +90,13 @@ class Slot:
 
 @dataclass(frozen=True)
 class Feed:
-    """Tokens to append to a slot's sequence in one decode; `logits`: sample after the last of them."""
+    """Tokens to append to a slot's sequence in one decode; `logits`: sample after the last of them; `every`:
+    logits after each of them (rows in token order, the last one the row decode() returns)."""
 
     slot: Slot
     tokens: Sequence[int]
     logits: bool
+    every: bool = False
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -145,7 +147,7 @@ class KVSlots:
     def has_free(self) -> bool:
         return self.busy < len(self.slots)
 
-    def acquire(self, prompt: Sequence[int], align: int) -> tuple[Slot, int]:
+    def acquire(self, prompt: Sequence[int], align: int, reuse: bool = True) -> tuple[Slot, int]:
         """A free slot for `prompt`, and how much of it the slot already holds: below len(prompt), so that the last
         token is decoded again (its logits start the reply), and a multiple of `align` unless the cache is
         `cut_anywhere`, so that the rest is cut as it would be from an empty slot.
@@ -155,6 +157,8 @@ class KVSlots:
 
         llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
         time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
+        A slot holding the whole prompt is copied whatever its length (the n choices of one request). Without
+        `reuse` the whole prompt is decoded again (its logits are wanted at every position).
         """
         held = {s.seq_id: s.prefix(prompt) for s in self.slots}
         free = [s for s in self.slots if not s.busy]
@@ -163,10 +167,11 @@ class KVSlots:
             slot = packed
         keep = held[slot.seq_id]
         donor = max(self.slots, key=lambda s: held[s.seq_id])
-        if (shared := held[donor.seq_id]) >= keep + align:
+        shared = held[donor.seq_id]
+        if reuse and (shared >= keep + align or shared == len(prompt) > keep + 1):
             llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached, keep = list(donor.cached), shared
-        keep = min(keep, len(prompt) - 1)
+        keep = min(keep, len(prompt) - 1) if reuse else 0
         keep -= 0 if self.cut_anywhere else keep % align
         self._truncate(slot, keep)
         slot.busy, slot.reusable = True, len(prompt) if len(prompt) > 1 else 0
@@ -242,10 +247,10 @@ class KVSlots:
             start = len(feed.slot.cached)
             for i, token in enumerate(feed.tokens):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + i, 1
-                batch.seq_id[n][0], batch.logits[n] = feed.slot.seq_id, False
+                batch.seq_id[n][0], batch.logits[n] = feed.slot.seq_id, feed.every
                 n += 1
-            batch.logits[n - 1] = feed.logits
-            rows.append(n - 1 if feed.logits else -1)
+            batch.logits[n - 1] = feed.logits or feed.every
+            rows.append(n - 1 if feed.logits or feed.every else -1)
         batch.n_tokens = n
         if (rc := llama_thread.run(llama_cpp.llama_decode, self.ctx.ctx, batch)) != 0:
             raise RuntimeError(f"llama_decode returned {rc} for {n} tokens over {len(feeds)} sequences")
@@ -258,9 +263,12 @@ class KVSlots:
         of the row, read in place: llama.cpp's greedy sampler first copies the whole vocabulary into a candidate
         array, 107 us a row on this 2-core VM against 13 (the first of equal maxima either way)."""
         if sampler is None:
-            logits = llama_cpp.llama_get_logits_ith(self.ctx.ctx, row)
-            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+            return int(self.logits(row).argmax())
         return llama_cpp.llama_sampler_sample(sampler.sampler, self.ctx.ctx, row)
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits row `row` of the last decode, read in place: valid until the next decode."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.n_vocab,))
 
     def close(self) -> None:
         self._batch.close()

@@ -14,11 +14,12 @@ import logging
 import queue
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -39,6 +40,8 @@ from adaptserve.serve.engine import (
     JobQueue,
     Output,
     SamplingParams,
+    TokenLogprob,
+    logprobs_of,
 )
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
 
@@ -56,6 +59,7 @@ class _Sequence:
     sampler: _internals.LlamaSampler | None  # None: greedy (KVSlots.sample)
     pending: list[int]  # prompt tokens not decoded yet
     next_token: int = -1  # sampled, to be decoded in the next step
+    echo: list[TokenLogprob] | None = None  # prompt log-probabilities gathered during prefill, when asked for
 
     @property
     def job(self) -> Job:
@@ -66,12 +70,20 @@ class _Sequence:
             self.sampler.close()
 
 
-def _sampler(params: SamplingParams) -> _internals.LlamaSampler | None:
-    """llama-cpp-python's own chain for these settings, less its filters that are no-ops here (top_k, min_p,
-    penalties); None for greedy, which KVSlots.sample does itself."""
-    if params.temperature == 0:
+def _sampler(params: SamplingParams, n_vocab: int, limit: int) -> _internals.LlamaSampler | None:
+    """llama.cpp's sampler chain for these settings, in llama.cpp's order (bias, penalties, then top_p, temperature
+    and the draw), leaving out the filters that would do nothing; None for plain greedy, which KVSlots.sample does
+    itself. llama_sampler_sample feeds each sampled token back, so penalties count the completion's tokens."""
+    if params.greedy and params.plain:
         return None
     sampler = _internals.LlamaSampler()
+    if params.logit_bias:
+        sampler.add_logit_bias(n_vocab, dict(params.logit_bias))
+    if params.presence_penalty or params.frequency_penalty:
+        sampler.add_penalties(n_vocab, limit, 1.0, params.frequency_penalty, params.presence_penalty)
+    if params.greedy:
+        sampler.add_greedy()
+        return sampler
     sampler.add_top_p(params.top_p, 1)
     sampler.add_temp(params.temperature)
     sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
@@ -108,6 +120,7 @@ class LlamaCppEngine(Engine):
         self.prefill_chunk = prefill_chunk
         self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
         self.n_ctx = self.slots.n_ctx
+        self.n_vocab = self.slots.n_vocab
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
         self._template = self._chat_template()
         self._jobs = JobQueue(self.name, queue_size)
@@ -151,6 +164,9 @@ class LlamaCppEngine(Engine):
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages rendered as `adaptserve.models.prompt` says: the GGUF's chat template, else a plain transcript
@@ -269,20 +285,26 @@ class LlamaCppEngine(Engine):
 
     def _awaits_prefix(self, job: Job, running: list[_Sequence]) -> bool:
         """Whether a running prompt is still prefilling a prefix it shares with this one, a chunk longer than any
-        slot holds yet: requests that arrive together (FinQA with the same exemplars) then compute it only once."""
+        slot holds yet, or this whole prompt: requests that arrive together (FinQA with the same exemplars, the n
+        choices of one request) then compute it only once."""
+        if job.params.echo:  # computes its whole prompt anyway
+            return False
         have = max(slot.prefix(job.prompt) for slot in self.slots.slots)
         for seq in running:
             shared = common_prefix(seq.job.prompt, job.prompt)
-            if seq.pending and shared >= have + self.prefill_chunk and len(seq.slot.cached) < shared:
+            worth = shared >= have + self.prefill_chunk or shared == len(job.prompt) > have + 1
+            if seq.pending and worth and len(seq.slot.cached) < shared:
                 return True
         return False
 
     def _start(self, job: Job, dequeued: float) -> _Sequence:
-        limit, sampler = self.budget(job.prompt, job.params.max_tokens), _sampler(job.params)
+        limit = self.budget(job.prompt, job.params.max_tokens)
+        sampler = _sampler(job.params, self.n_vocab, limit)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
-        slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk)
+        slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk, reuse=not job.params.echo)
         out = Output(job, limit, ByteDetokenizer(self._piece), dequeued)
-        return _Sequence(out, slot, sampler, job.prompt[cached:])
+        echo = [TokenLogprob(job.prompt[0], self._piece(job.prompt[0]), None)] if job.params.echo else None
+        return _Sequence(out, slot, sampler, job.prompt[cached:], echo=echo)
 
     def _step(self, running: list[_Sequence]) -> None:
         """Up to `prefill_chunk` prompt tokens, then each running sequence's next token in one llama_decode.
@@ -305,24 +327,45 @@ class LlamaCppEngine(Engine):
                 continue
             chunk, seq.pending = seq.pending[:take], seq.pending[take:]
             budget -= take
-            (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending)])
-            if row >= 0:
-                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+            start = len(seq.slot.cached)
+            echo = seq.echo is not None
+            (row,) = self.slots.decode([Feed(seq.slot, chunk, logits=not seq.pending, every=echo)])
+            if echo:
+                self._echo(seq, start, len(chunk), row)
+            if not seq.pending:
+                self._advance(running, seq, row)
         decoding = [s for s in running if not s.pending]  # KVSlots.decode puts them in slot order, gaps filled
         if decoding:
             rows = self.slots.decode([Feed(s.slot, (s.next_token,), logits=True) for s in decoding])
             for seq, row in zip(decoding, rows, strict=True):
-                self._advance(running, seq, self.slots.sample(seq.sampler, row))
+                self._advance(running, seq, row)
+
+    def _echo(self, seq: _Sequence, start: int, n: int, last_row: int) -> None:
+        """Log-probabilities of the prompt tokens that a prefill chunk's logits predict (the chunk held prompt
+        positions start..start+n-1, in rows last_row-n+1..last_row); all of them go out once the prompt is in."""
+        assert seq.echo is not None
+        prompt = seq.job.prompt
+        positions = [i for i in range(start, start + n) if i + 1 < len(prompt)]
+        if positions:
+            rows = np.stack([self.slots.logits(last_row - (start + n - 1) + i) for i in positions])
+            next_tokens = [prompt[i + 1] for i in positions]
+            seq.echo += logprobs_of(rows, next_tokens, seq.job.params.logprobs or 0, self._piece)
+        if not seq.pending:
+            seq.out.prompt_logprobs(seq.echo)
 
     def _piece(self, token: int) -> bytes:
         return self.llm.detokenize([token])
 
-    def _advance(self, running: list[_Sequence], seq: _Sequence, token: int) -> None:
+    def _advance(self, running: list[_Sequence], seq: _Sequence, row: int) -> None:
+        """Sample the sequence's next token from logits row `row` and pass it on."""
+        token = self.slots.sample(seq.sampler, row)
         if self._eog(token):
             self._finish(running, seq, "stop")
             return
         self.tokens_generated += 1
-        reason = seq.out.add(token)
+        k = seq.job.params.logprobs
+        logprob = None if k is None else logprobs_of(self.slots.logits(row), [token], k, self._piece)[0]
+        reason = seq.out.add(token, logprob)
         if reason is not None:
             self._finish(running, seq, reason)
         else:

@@ -119,6 +119,9 @@ class _EngineCounters(Collector):
         return families
 
 
+PREFIXES = {"/v1/models/": "/v1/models/{model}", "/ui": "/ui"}  # paths under these get one label each
+
+
 class MetricsMiddleware:
     """Counts every request and times it to its last body byte, which for SSE is the end of the stream.
 
@@ -133,7 +136,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in self.routes else "/ui" if path.startswith("/ui") else "other"
+        route = path if path in self.routes else next((v for k, v in PREFIXES.items() if path.startswith(k)), "other")
         started, status = time.perf_counter(), 500
 
         async def timed_send(message: Message) -> None:

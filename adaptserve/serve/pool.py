@@ -180,13 +180,18 @@ class ModelPool:
         return self.finqa_styles.get(name, finqa.BASE_STYLE)
 
     def get(self, name: str | None) -> Engine:
+        return self.engines[self.spec(name).name]
+
+    def spec(self, name: str | None) -> ModelSpec:
+        """The served model `name` (the first when None), or a 404 that lists the served ones."""
         name = name or self.names[0]
-        if name not in self.engines:
-            raise APIError(
-                404,
-                f"model {name!r} does not exist; served models: {self.names}",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
-        return self.engines[name]
+        for spec in self.specs:
+            if spec.name == name and name in self.engines:
+                return spec
+        raise APIError(
+            404,
+            f"model {name!r} does not exist; served models: {self.names}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )

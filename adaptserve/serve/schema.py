@@ -1,21 +1,63 @@
 """HTTP schema: OpenAI-compatible request/response bodies plus the FinQA endpoint.
 
-Requests are strict (a string where a number belongs is a 400, not a silent coercion) and ignore
-unknown fields, as OpenAI clients send optional ones freely.
+Requests are strict: a string where a number belongs is a 400, not a silent coercion, and a parameter the server
+does not honour is a 400 that names it (`unsupported_parameter`), never dropped silently. OpenAI parameters sent
+at their no-op value (`logprobs: false`, `tool_choice: "none"`, ...) are accepted, as SDKs send some by default.
+docs/serving.md lists every OpenAI parameter and what the server does with it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's own limit
+MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # n, and prompts x n on completions
+
+# OpenAI parameters this server does not honour, each with the values that ask for nothing (accepted) and why any
+# other value is refused.
+NOT_HONOURED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "parallel_tool_calls": ((None,), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "response_format": ((None, {"type": "text"}), "structured output (response_format) is not supported"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "these models do not reason before answering"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "store": ((None, False), "completions are not stored by this server"),
+    "metadata": ((None, {}), "metadata is only kept with store, which this server does not offer"),
+    "service_tier": ((None, "auto", "default"), "this server has one service tier"),
+}
+
+
+class UnsupportedParameter(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="after")
+    def _refuse_the_rest(self) -> _Request:
+        """Anything not a field of this request: accepted only as an OpenAI parameter's no-op value."""
+        for name, value in (self.model_extra or {}).items():
+            if name not in NOT_HONOURED:
+                raise UnsupportedParameter(name, "unrecognized parameter")
+            accepted, why = NOT_HONOURED[name]
+            if value not in accepted:
+                raise UnsupportedParameter(name, why)
+        return self
 
 
 class StreamOptions(_Request):
@@ -25,13 +67,45 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     model: str | None = Field(None, description="a served model id; the first served model when omitted")
     max_tokens: int | None = Field(None, ge=1, description="completion tokens; default: up to the context window")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens, by its newer name")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to sample from the prompt, each with its own seed")
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit once it occurs")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per occurrence so far")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100] added to its logit")
+    user: str | None = Field(None, description="an end-user id: written to the access log, no effect on output")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        for token, value in bias.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases lie in [-100, 100], got {value} for token {token}")
+        return bias
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> SamplingFields:
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ: send one of them")
+        return self
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(t), b) for t, b in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -50,18 +124,35 @@ class SamplingFields(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+Prompt = str | list[int]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(..., description="a string, or a list holding exactly one string")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string or token ids, or a list of them: one choice (times n) per prompt"
+    )
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="each token's log-probability and k alternatives")
+    echo: bool = Field(False, description="return the prompt before the completion (with its log-probabilities)")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="sample this many, return the n most likely")
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return prompt
+    @model_validator(mode="after")
+    def _check_choices(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts:
+            raise ValueError("prompt: at least one prompt is needed")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if len(prompts) * max(self.n, self.best_of or 1) > MAX_CHOICES:
+            raise ValueError(f"prompts x n (or best_of) must be at most {MAX_CHOICES}")
+        if self.stream and self.best_of not in (None, self.n):
+            raise ValueError("best_of cannot be streamed: the best choices are known only at the end")
+        return self
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[Prompt]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(_Request):
@@ -80,6 +171,17 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = Field(False, description="each output token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: k alternatives per token")
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
@@ -104,10 +206,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -125,10 +234,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -149,7 +273,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
