@@ -2,8 +2,8 @@
 tokens (pp512) and generation of 128 tokens one at a time (tg128); and what HTTP costs, measured in pairs: each
 single-client conversation streamed by llama-cpp-python's own chat completion in this process ("direct"), then at
 once through the server, from a blocking client that does as little as it can. Pairing keeps the two sides in the
-same minute: on a shared VM the host's speed drifts by more than the few percent HTTP costs (the same requests, run
-minutes apart, differed by 15%)."""
+same minute: on a shared machine the host's speed drifts by more than the few percent HTTP costs (measured in
+benchmarks/serving.md)."""
 
 from __future__ import annotations
 
