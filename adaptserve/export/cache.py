@@ -2,8 +2,8 @@
 are unchanged; and `served`, the form llama.cpp runs a model in.
 
 A cache hit reads file names, sizes and bytes only: no torch, no transformers, whose memory a server that otherwise
-needs llama.cpp alone would carry (benchmarks/serving.md). A miss runs the full export (`pipeline.export`), or for an adapter
-that carries its LoRA GGUF the torch-free merge (`native`).
+needs llama.cpp alone would carry (benchmarks/serving.md). A miss runs the full export (`pipeline.export`), or for an
+adapter that carries its LoRA GGUF the torch-free merge (`native`).
 """
 
 from __future__ import annotations

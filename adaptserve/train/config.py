@@ -34,7 +34,7 @@ class TrainConfig:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha/rank)"})
     dropout: float = field(
         default=0.0,
-        metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, adding activation memory"},
+        metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, in activation memory"},
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
