@@ -74,7 +74,7 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
 
 
 def test_default_threads_are_one_per_physical_core() -> None:
-    """llama-cpp-python alone would decode on half the logical CPUs: one thread on a 2-core VM."""
+    """llama-cpp-python alone would decode on half the logical CPUs: one thread on a 2-core machine."""
     cores = min(psutil.cpu_count(logical=False) or 1, len(os.sched_getaffinity(0)))
     eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=64, n_slots=1)
     try:

@@ -31,8 +31,8 @@ from adaptserve.train.model import load_tokenizer
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-# The shortest shipped FinQA examples, table only: ~3 s a step. One thread: on 2 cores shared with other work,
-# two OpenMP threads wait on each other and run 5-10x slower.
+# The shortest shipped FinQA examples, table only, so that a step takes seconds. One thread: on 2 cores shared with
+# other work, two OpenMP threads wait on each other and run several times slower (benchmarks/training.md).
 TINY = dict(data=["sample"], retrieval_k=0, max_seq_len=360, rank=4, alpha=8.0, batch_size=1, grad_accum=1, lr=1e-3, threads=1)
 
 
