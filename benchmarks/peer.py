@@ -114,6 +114,8 @@ def markdown(rows: list[dict[str, Any]], threads: int, peer_interrupts: bool, kv
         lines.append(f"| {label} | {value[0]}{unit} | {value[1]}{unit} |")
     shares = [
         f"{o['ratio']:.2f} ({o['http_decode_tokens_per_second']:.1f} vs {o['direct_chat_tokens_per_second']:.1f} tokens/s)"
+        if o["ratio"] is not None
+        else "n/a (no conversation answered in two or more tokens)"
         for o in (r["overhead"][0] for r in rows)
     ]
     lines.append(f"| single-client HTTP decoding, share of llama-cpp-python's direct chat (paired) | {shares[0]} | {shares[1]} |")
