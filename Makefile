@@ -16,10 +16,11 @@ test: install browser ## run the test suite against the real model, server and b
 install: $(STAMP)
 
 # llama-cpp-python compiles from source the first time (~6 min on 2 cores); pip caches the wheel after that.
+# torch is pinned to the CPU build where pip's index or wheel directory has it; unpinned, pip pulls multi-GB CUDA.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0  # the CPU build, from this machine's disk; unpinned pulls multi-GB CUDA
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -37,7 +37,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "hidden" if not f.repr else default  # secrets (repr=False) stay out of --help too
-        # argparse %-formats help strings, so a literal "55%" in a field's help would crash --help
+        # argparse %-formats help strings, so a literal "%" in a field's help would crash --help
         help_text = (f.metadata.get("help", "") + f" (default: {shown})").replace("%", "%%")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text, dest=f.name)

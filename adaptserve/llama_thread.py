@@ -2,24 +2,20 @@
 
 llama.cpp's CPU backend splits each graph over OpenMP threads, and libgomp gives every thread that starts a parallel
 region a worker team of its own. Once a process holds more OpenMP threads than cores, libgomp stops letting idle
-workers spin between regions (100 spins instead of ~3 ms) and every llama_decode then waits for its workers to be
-woken. With base and adapted each decoding on its own engine thread, 2 cores hold 3 such threads: single-client
-decoding of either model fell from ~75 to ~57 tokens/s as soon as both had answered once. Every llama_decode here
-(the engines, export checks, bench) therefore runs on this one thread: one team, however many models are loaded.
-The engines' schedulers run there too, a step of each in turn (`attach`), rather than each on a thread of its own
-handing its decode calls over: a hand-over made this thread take the GIL back before it could call llama.cpp, and
-the event loop, woken by the token just emitted, usually held it then; that wait delayed every decode step.
+workers spin between regions, and every llama_decode then waits for its workers to be woken: serving base and
+adapted from two threads on 2 cores slowed decoding of both. So every llama_decode here (the engines, export checks,
+bench) runs on this one thread, one team however many models are loaded, and the engines' schedulers run there too,
+a step of each in turn (`attach`): a scheduler on a thread of its own, handing its decode calls over, made this
+thread wait for the GIL, which the event loop usually held just then, before every decode step.
 
-The team's size defaults to one thread per physical core this process may run on, as llama.cpp's own tools do.
-llama-cpp-python's default is half the logical CPUs (a guess at hyper-threading): on a 2-core VM without it, that is
-one thread, and `adaptserve serve` decoded at 42 tokens/s single-client instead of 60-71 with two (8 clients: 56-60
-instead of 88-94), the load client running on the same two cores.
+The team's size defaults to one thread per physical core this process may run on, as llama.cpp's own tools do;
+llama-cpp-python's default, half the logical CPUs, is one thread on a 2-core machine without hyper-threading.
 
 Every Llama here computes a row of a batch the same way however many rows share the call, so a sequence's output
 does not depend on how many others decode beside it. llama.cpp's CPU backend breaks that in two ways, both turned
 off here: it would repack Q4_0, Q4_K, Q8_0 and IQ4_NL weights for kernels that compute a row differently once
 four or more rows share a call (see `_without_extra_buffers`), and it multiplies K-quant weights (Q4_K, Q6_K, ...) with
-a tiled kernel once eight or more rows do (`GGML_CPU_TILED_MM`).
+a tiled kernel once eight or more rows do (`GGML_CPU_TILED_MM`). What each costs: benchmarks/serving.md.
 """
 
 from __future__ import annotations
@@ -44,10 +40,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # ggml reads this once, at the process's first mat-mul, so it is set on import, before anything here can decode.
-# With the tiled kernel, one sequence of the adapter's q4_k_m (its ffn_down weights are Q6_K) got logits 0.5-0.7 away
-# from its own alone as soon as 7 others decoded beside it. Without it: identical with 0 to 15 beside it; prompt
-# processing of that GGUF ~15% slower (pp512 ~205 vs ~240 tokens/s on 2 cores), 8 sequences decoding together ~7%
-# faster, one sequence alike; Q4_1 never takes that kernel. A value already in the environment wins.
+# The tiled K-quant kernel makes a sequence's logits depend on its neighbours once eight rows share a call; without
+# it K-quant prompts are slower and batched decoding no slower (benchmarks/serving.md, "Batch invariance"). A value
+# already in the environment wins.
 os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
 

@@ -9,7 +9,7 @@ Answers that end sooner make clients finish at different times, so a level's agg
 where fewer requests share a step; beside it, the rate until the first client was done, while every client had a
 request in (what "N concurrent clients" means in steady state). Every level is measured
 `--rounds` times, interleaved across slot counts; the fastest round is reported, and beside it the median of the
-rounds (this VM's host makes rounds differ by up to 40%, so the median ratio is the steadier verdict). Beside the
+rounds (on a shared host rounds of one level can differ widely, so the median ratio is the steadier verdict). Beside the
 engine levels, the ceiling: llama_decode alone on the widest engine's own slots, B sequences advancing one
 token per call, no sampling or Python around it; the engine's batched rate is judged against it. Writes
 `<out>/results.json` and `<out>/results.md`. Timings mean something only on an otherwise idle machine: the CPU that

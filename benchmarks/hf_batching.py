@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--rounds", type=int, default=2, help="each level is measured this often; the fastest counts")
     parser.add_argument("--max-tokens", type=int, default=64)
-    # 1 by default: on a CPU other processes use too, torch's 2 threads on 2 cores ran 30x slower (see hf_engine.py)
+    # 1 by default: on a CPU other processes use too, torch's threads stall each other (benchmarks/serving.md)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/hf-batching")
     parser.add_argument("--note", default="", help="what else was going on, for the report")

@@ -10,7 +10,7 @@ calls, no sampling or HTTP around them:
 - prompt processing: a `--prompt-tokens` prompt decoded in prefill chunks, as the engine feeds it;
 - decoding: one and `--slots` sequences advancing a token per call, with a short (64-token) and a long
   (`--prompt-tokens`) prompt behind each.
-Rounds alternate the cache types, so a disturbance of this VM hits both; the median of `--rounds` is reported.
+Rounds alternate the cache types, so a disturbance of the host hits both; the median of `--rounds` is reported.
 Writes `<out>/results.json` and `<out>/results.md`.
 """
 

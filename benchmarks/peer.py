@@ -42,8 +42,8 @@ def start_peer(threads: int, log_path: Path, interrupt: bool) -> Server:
         sys.executable, "-c", PEER, "--model", str(resolve(MODEL).path), "--model_alias", MODEL,
         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
         "--host", "127.0.0.1", "--port", str(port),
-        # Its default (True) ends the running stream early whenever another request arrives: 15 of 16 streams came
-        # back cut short at 2+ clients. Off, requests wait their turn, which is what a fair comparison needs.
+        # Its default (True) ends the running stream early whenever another request arrives (benchmarks/serving.md).
+        # Off, requests wait their turn, which is what a fair comparison needs.
         "--interrupt_requests", str(interrupt),
     ]  # fmt: skip
     return launch(cmd, f"http://127.0.0.1:{port}", MODEL, log_path)
@@ -114,6 +114,8 @@ def markdown(rows: list[dict[str, Any]], threads: int, peer_interrupts: bool, kv
         lines.append(f"| {label} | {value[0]}{unit} | {value[1]}{unit} |")
     shares = [
         f"{o['ratio']:.2f} ({o['http_decode_tokens_per_second']:.1f} vs {o['direct_chat_tokens_per_second']:.1f} tokens/s)"
+        if o["ratio"] is not None
+        else "n/a (no conversation answered in two or more tokens)"
         for o in (r["overhead"][0] for r in rows)
     ]
     lines.append(f"| single-client HTTP decoding, share of llama-cpp-python's direct chat (paired) | {shares[0]} | {shares[1]} |")

@@ -13,9 +13,9 @@ For each precision it measures
   adapter weights.
 
 CPU only (a CUDA machine: run it with CUDA_VISIBLE_DEVICES=). On a CPU without native bf16 (AVX2) torch emulates
-bf16: the same numerics question, many times slower; the defaults took 22 min on 2 cores shared with other builds
-(2 LoRA steps: 30 s in fp32, 4.3 min in bf16). Writes `<out>/<cpu-kind>/results.json` and `results.md`, cpu-kind
-from /proc/cpuinfo (amx, avx512-bf16, avx512, avx2). benchmarks/precision.md reads the results.
+bf16: the same numerics question, many times slower (run times in benchmarks/precision.md). Writes
+`<out>/<cpu-kind>/results.json` and `results.md`, cpu-kind from /proc/cpuinfo (amx, avx512-bf16, avx512, avx2).
+benchmarks/precision.md reads the results.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ tokens) against a server it starts itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -19,7 +20,8 @@ from adaptserve.bench import BenchConfig, BenchError, bench
 from adaptserve.bench.overlap import corpus_bleu, scores
 from adaptserve.bench.perplexity import chunks
 from adaptserve.bench.prompts import Answer, summarize
-from adaptserve.bench.speed import served_model
+from adaptserve.bench.report import markdown
+from adaptserve.bench.speed import Speed, _Reply, overhead, served_model
 from adaptserve.serve.kvslots import kv_cache_kwargs
 from tests.conftest import free_port
 
@@ -236,6 +238,26 @@ def test_reference_scores_are_null_without_references() -> None:
         "rouge_l": None,
         "bleu": None,
     }
+
+
+def test_http_vs_direct_without_a_timed_pair_is_unavailable_not_an_error() -> None:
+    """A reply of one token has no time per token, so its pair is dropped; with no pair left the rates and ratios
+    are None, and the report says n/a."""
+    pair = overhead("m", [(_Reply(0.01, "a b"), _Reply(0.0125, "a b"))])
+    assert pair.pairs == pair.same_text == 1
+    assert (pair.direct_chat_tokens_per_second, pair.http_decode_tokens_per_second, pair.ratio) == (100.0, 80.0, 0.8)
+    empty = overhead("m", [])
+    assert empty.pairs == 0
+    assert empty.direct_chat_tokens_per_second is empty.http_decode_tokens_per_second is empty.ratio is None
+    speed = Speed("m", "m.gguf", 2, 512, 200.0, 1.0, 128, 100.0, 1.0, 3)
+    results = {
+        "machine": {"cpu": "cpu", "cores": 2, "memory_bytes": 2**30, "gpu": None, "git_commit": "0" * 40},
+        "config": {},
+        **{key: [] for key in ("accuracy", "perplexity", "prompts", "load", "skipped", "failed", "servers")},
+        "speed": [dataclasses.asdict(speed)],
+        "overhead": [{**dataclasses.asdict(empty), "direct_tg_tokens_per_second": 100.0, "ratio_tg": None}],
+    }
+    assert "| n/a | n/a | n/a | n/a | 0 of 0 |" in markdown(results)
 
 
 def test_a_server_that_stops_answering_is_reported_not_fatal(tmp_path: Path) -> None:

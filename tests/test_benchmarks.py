@@ -23,7 +23,8 @@ SAMPLE_TEST = SAMPLE_DIR / "test.json"
 needs_shared_finqa = pytest.mark.skipif(
     not (SHARED / "data" / "finqa" / "dev.json").is_file(), reason=f"no FinQA data at {SHARED / 'data' / 'finqa'}"
 )
-# Training steps take ~40 s each on 2 cores other work shares; on an idle machine every test ends within 600 s.
+# Training steps are slow on 2 cores other work shares, hence the wide limit; on an idle machine every test ends
+# within 600 s.
 pytestmark = pytest.mark.timeout(1500)
 
 

@@ -74,7 +74,7 @@ def test_full_queue_is_refused_not_dropped(engine: LlamaCppEngine) -> None:
 
 
 def test_default_threads_are_one_per_physical_core() -> None:
-    """llama-cpp-python alone would decode on half the logical CPUs: one thread on a 2-core VM."""
+    """llama-cpp-python alone would decode on half the logical CPUs: one thread on a 2-core machine."""
     cores = min(psutil.cpu_count(logical=False) or 1, len(os.sched_getaffinity(0)))
     eng = LlamaCppEngine(resolve("smollm2-135m"), n_ctx=64, n_slots=1)
     try:
@@ -265,7 +265,7 @@ def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
 def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(model: str) -> None:
     """What lets the 8-bit cache reuse a prefix of any length (kvslots.py): a 200-token prompt decoded in 64-token
     calls, and cut after 1, 30 or 63 tokens, or with one-token calls in it, gives bit-identical logits and the same
-    greedy continuation (with an f16 cache the one-token calls moved the logits by up to 1.06)."""
+    greedy continuation (with an f16 cache the one-token calls move the logits; benchmarks/serving.md)."""
     llm = llama_thread.open_model(served(resolve(model), "q4_k_m"), 2, n_ctx=64)
     slots = KVSlots(llm, 1, n_ctx=512, max_batch=64, kv_cache="q8_0")
     prompt = llm.tokenize(b"Net revenue was $5,829 million in 2015 against $5,735 million in 2014. " * 12)[:200]
@@ -303,7 +303,7 @@ def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache
     (which reads the K/V the step wrote). Left on, repacking fails the 2-repeat prompt, the tiled kernel both (on some
     other prompts, such as the 1-repeat one, neither kernel's rounding happened to reach the logits). The 8-bit
     cache computes attention with flash attention, which with an f16 cache changes a row's numbers once its
-    sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; kvslots.py)."""
+    sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; benchmarks/serving.md)."""
     llm = llama_thread.open_model(served(resolve("smollm2-135m-finqa"), "q4_k_m"), 2, n_ctx=64)
     slots = KVSlots(llm, 8, n_ctx=1024, max_batch=64, kv_cache=kv_cache)
     prompt = llm.tokenize(b"Revenue rose from 5,735 to 5,829 million dollars in 2019; costs fell by 12%." * repeats)

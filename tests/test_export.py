@@ -48,7 +48,7 @@ LESSONS = [
 PROMPTS = [question for question, _ in LESSONS]
 TOKENS = 16
 # One thread each for torch and llama.cpp: with more threads than free cores (the suite shares 2 cores with
-# servers and other jobs) their spinning thread pools slow down twenty-fold and more.
+# servers and other jobs) their spinning thread pools slow down many times over (benchmarks/training.md).
 THREADS = 1
 
 
@@ -91,7 +91,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoded = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
     batches = [torch.tensor([ids]) for ids in encoded]
     optimizer = torch.optim.Adam([p for p in lora.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(10):  # ~2 s a step; the loss falls from ~4 to ~0.1
+    for _ in range(10):  # a few seconds in all; the loss falls from ~4 to ~0.1
         for ids in batches:
             lora(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()

@@ -34,7 +34,8 @@ TIMEOUT = 3.0
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One thread: on 2 cores shared with other work, two llama.cpp threads wait on each other (4-5x slower)."""
+    """One thread: on 2 cores shared with other work, two llama.cpp threads wait on each other
+    (benchmarks/reliability.md)."""
     args = ["--models", "smollm2-135m", "--no-ui", "--n-threads", "1", "--api-key", "other-key", "--api-key", KEY]
     args += ["--cors-origin", "https://app.example", "--max-body-bytes", "65536", "--request-timeout", str(TIMEOUT)]
     args += ["--n-slots", "2", "--queue-size", "2"]

@@ -231,7 +231,8 @@ def test_client_disconnect_mid_stream_stops_generation(server: Server, client: h
 
 
 def test_the_ui_is_built_at_its_first_visit(tmp_path: Path) -> None:
-    """gradio (~2.5 s to import, ~42 MiB) is loaded when /ui is first asked for, not at start-up."""
+    """gradio (seconds to import, and memory; benchmarks/serving.md) is loaded when /ui is first asked for, not at
+    start-up."""
     srv = Server(["--models", "smollm2-135m"], tmp_path)
     try:
         assert httpx.get(f"{srv.url}/health").status_code == 200

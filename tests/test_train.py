@@ -31,8 +31,8 @@ from adaptserve.train.model import load_tokenizer
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-# The shortest shipped FinQA examples, table only: ~3 s a step. One thread: on 2 cores shared with other work,
-# two OpenMP threads wait on each other and run 5-10x slower.
+# The shortest shipped FinQA examples, table only, so that a step takes seconds. One thread: on 2 cores shared with
+# other work, two OpenMP threads wait on each other and run several times slower (benchmarks/training.md).
 TINY = dict(data=["sample"], retrieval_k=0, max_seq_len=360, rank=4, alpha=8.0, batch_size=1, grad_accum=1, lr=1e-3, threads=1)
 
 
@@ -202,8 +202,7 @@ def test_two_process_data_parallel_run_trains_what_one_process_does(tmp_path: Pa
     and the adapter (same files, same format) and losses match a single-process run of the same flags.
 
     In fp32, pinned: that is where the match holds to 1e-4. In bf16 (auto's pick on CPUs with native bf16) each
-    process's batch shape rounds otherwise: an AMX Xeon saw a step's loss 2.4e-3 apart (4.0058 vs 4.0155);
-    benchmarks/precision.md has the bound."""
+    process's batch shape rounds otherwise, and losses part by more than that (benchmarks/precision.md)."""
     flags = dict(data=[str(chats)], rank=4, alpha=8.0, batch_size=4, grad_accum=1, max_steps=2, save_every=0, threads=1)
     flags["precision"] = "fp32"
     single = train(TrainConfig(**flags, output_dir=str(tmp_path / "one")))  # type: ignore[arg-type]

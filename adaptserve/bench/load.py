@@ -140,8 +140,8 @@ async def stream_chat(client: httpx.AsyncClient, url: str, model: str, messages:
 
 def stream_chat_blocking(url: str, model: str, messages: list[Message], max_tokens: int, timeout: float = 600.0) -> RequestResult:
     """`stream_chat` on a plain blocking connection, for timing one request at a time with the least client work:
-    asyncio and httpx cost ~0.7 ms of CPU a token, and on two cores shared with the server that slowed the server
-    being measured by 5-8% (paired runs, stop 15)."""
+    asyncio and httpx take enough CPU per token to slow a server that shares the client's cores
+    (benchmarks/serving.md)."""
     parts = urlsplit(url)
     connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = connection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)

@@ -8,9 +8,9 @@ token has at least n_ctx/2 tokens of context: the logits at positions n_ctx/2 ..
 n_ctx/2+1 .. n_ctx-1 (n_ctx/2 - 1 tokens per chunk for an even n_ctx, as in llama.cpp's `process_logits`).
 PPL = exp(mean NLL); its uncertainty is llama.cpp's: ppl * sqrt(var(NLL) / (count - 1)).
 
-The model runs with the server's llama.cpp settings (llama-cpp-python's defaults: flash attention off), so the number
-is the served model's. llama-perplexity's default `-fa auto` turns flash attention on on CPU; on SmolLM2 that moved
-PPL by 0.14% in our check, well inside the uncertainty.
+The model runs with the server's llama.cpp settings, its K/V cache type included, so the number is the served
+model's. Where those differ from llama-perplexity's defaults (its f16 cache, flash attention on for CPU), the change
+on SmolLM2 is well inside the uncertainty (benchmarks/serving.md).
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def perplexity(
 
 def _decode(llm: llama_cpp.Llama, batch: llama_cpp.llama_batch, chunk: list[int], first: int) -> np.ndarray:
     """The logits at positions first.. of `chunk`, decoded as one batch from an empty context. Like llama.cpp, only
-    those positions ask for logits: the vocabulary-wide output layer is then not run for the context half (what
-    `Llama(logits_all=True)` would do, at ~20% more time per chunk)."""
+    those positions ask for logits: the vocabulary-wide output layer is then not run for the context half, as
+    `Llama(logits_all=True)` would run it, at a cost in time per chunk (benchmarks/serving.md)."""
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
     for i, token in enumerate(chunk):
         batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, i >= first

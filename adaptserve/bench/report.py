@@ -85,8 +85,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {s['model']} | {s['gguf']} | pp{s['pp_tokens']}: {s['pp_tokens_per_second']:.0f} ± {s['pp_std']:.0f} "
             f"| tg{s['tg_tokens']}: {s['tg_tokens_per_second']:.1f} ± {s['tg_std']:.1f} "
-            f"| {o.get('direct_chat_tokens_per_second', 0):.1f} | {o.get('http_decode_tokens_per_second', 0):.1f} "
-            f"| {o.get('ratio', 0):.2f} | {o.get('ratio_tg', 0):.2f} | {o.get('same_text', 0)} of {o.get('pairs', 0)} |"
+            f"| {_maybe(o.get('direct_chat_tokens_per_second', 0), '.1f')} "
+            f"| {_maybe(o.get('http_decode_tokens_per_second', 0), '.1f')} "
+            f"| {_maybe(o.get('ratio', 0), '.2f')} | {_maybe(o.get('ratio_tg', 0), '.2f')} "
+            f"| {o.get('same_text', 0)} of {o.get('pairs', 0)} |"
         )
     if results["skipped"]:
         lines += [

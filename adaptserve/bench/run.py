@@ -197,21 +197,22 @@ def _overhead(
 ) -> dict[str, Any]:
     """Single-client decode rate through HTTP against llama-cpp-python's own streamed chat completion of the same
     conversations (`ratio`: what the server costs over the library used directly), paired request by request, and
-    against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads."""
+    against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads; the rates and ratios are
+    None where no conversation was answered in two or more tokens."""
     single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
     spec = served_model(model, ServeConfig.adapter_quant, config.threads)
     n_ctx = ServeConfig.n_ctx
     paired = http_vs_direct(url, model, spec, config.threads, single_client, config.max_tokens, n_ctx, config.kv_cache)
-    log.info(
-        "%s: HTTP %.1f tokens/s, direct %.1f, ratio %.3f",
-        model,
-        paired.http_decode_tokens_per_second,
-        paired.direct_chat_tokens_per_second,
-        paired.ratio,
-    )
     tg = next(s["tg_tokens_per_second"] for s in speed if s["model"] == model)
     http = paired.http_decode_tokens_per_second
-    return {**dataclasses.asdict(paired), "direct_tg_tokens_per_second": tg, "ratio_tg": round(http / tg, 3)}
+    if http is None:
+        log.warning("%s: HTTP / direct unavailable: no conversation was answered in two or more tokens", model)
+    else:
+        log.info(
+            "%s: HTTP %.1f tokens/s, direct %.1f, ratio %.3f", model, http, paired.direct_chat_tokens_per_second, paired.ratio
+        )
+    ratio_tg = None if http is None else round(http / tg, 3)
+    return {**dataclasses.asdict(paired), "direct_tg_tokens_per_second": tg, "ratio_tg": ratio_tg}
 
 
 def _write_jsonl(path: Path, rows: list[Any]) -> None:

@@ -2,8 +2,8 @@
 tokens (pp512) and generation of 128 tokens one at a time (tg128); and what HTTP costs, measured in pairs: each
 single-client conversation streamed by llama-cpp-python's own chat completion in this process ("direct"), then at
 once through the server, from a blocking client that does as little as it can. Pairing keeps the two sides in the
-same minute: on a shared VM the host's speed drifts by more than the few percent HTTP costs (the same requests, run
-minutes apart, differed by 15%)."""
+same minute: on a shared machine the host's speed drifts by more than the few percent HTTP costs (measured in
+benchmarks/serving.md)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ class Overhead:
     same_text: int  # pairs whose two replies are the same text: the same tokens were generated on both sides
     direct_tpot: dict[str, float]
     http_tpot: dict[str, float]
-    direct_chat_tokens_per_second: float  # 1 / mean direct tpot
-    http_decode_tokens_per_second: float
-    ratio: float  # HTTP over direct
+    # The rates and their ratio are None without a pair: no conversation gave both sides a time per token.
+    direct_chat_tokens_per_second: float | None  # 1 / mean direct tpot
+    http_decode_tokens_per_second: float | None
+    ratio: float | None  # HTTP over direct
 
 
 def served_model(model: str, quant: str, threads: int | None) -> ModelSpec:
@@ -109,17 +110,23 @@ def http_vs_direct(
         pairs = _pairs(llm, url, model, chats, max_tokens)
     finally:
         llm.close()
+    return overhead(model, pairs)
+
+
+def overhead(model: str, pairs: Sequence[tuple[_Reply, _Reply]]) -> Overhead:
+    """The comparison over (direct, HTTP) reply pairs; without a pair it reports the rates as unavailable (None)."""
     direct, http = [d.tpot for d, _ in pairs], [h.tpot for _, h in pairs]
-    direct_rate, http_rate = 1 / statistics.mean(direct), 1 / statistics.mean(http)
+    direct_rate = 1 / statistics.mean(direct) if direct else None
+    http_rate = 1 / statistics.mean(http) if http else None
     return Overhead(
         model=model,
         pairs=len(pairs),
         same_text=sum(d.text == h.text for d, h in pairs),
         direct_tpot=percentiles(direct),
         http_tpot=percentiles(http),
-        direct_chat_tokens_per_second=round(direct_rate, 2),
-        http_decode_tokens_per_second=round(http_rate, 2),
-        ratio=round(http_rate / direct_rate, 3),
+        direct_chat_tokens_per_second=None if direct_rate is None else round(direct_rate, 2),
+        http_decode_tokens_per_second=None if http_rate is None else round(http_rate, 2),
+        ratio=None if direct_rate is None or http_rate is None else round(http_rate / direct_rate, 3),
     )
 
 

@@ -1,9 +1,9 @@
 """The server's export cache: an adapter exported to a GGUF once (merged, or as a LoRA GGUF), reused while its inputs
 are unchanged; and `served`, the form llama.cpp runs a model in.
 
-A cache hit reads file names, sizes and bytes only: no torch, no transformers (which would add ~200 MB to a
-server that otherwise needs llama.cpp alone). A miss runs the full export (`pipeline.export`), or for an adapter
-that carries its LoRA GGUF the torch-free merge (`native`).
+A cache hit reads file names, sizes and bytes only: no torch, no transformers, whose memory a server that otherwise
+needs llama.cpp alone would carry (benchmarks/serving.md). A miss runs the full export (`pipeline.export`), or for an
+adapter that carries its LoRA GGUF the torch-free merge (`native`).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ class ServeConfig:
     kv_cache: str = field(
         default=DEFAULT_KV_CACHE,
         metadata={
-            "help": "how the llama.cpp backend stores each slot's K/V: q8_0, or f16 at twice the memory (both models' "
-            "caches 190 -> 360 MiB at the default slots) for ~39% faster prompt processing"
+            "help": "how the llama.cpp backend stores each slot's K/V: q8_0, or f16 at twice the memory for faster "
+            "prompt processing (docs/serving.md, 'The K/V cache type')"
         },
     )
     ui: bool = field(default=True, metadata={"help": "serve the Gradio chat and FinQA UI at /ui"})

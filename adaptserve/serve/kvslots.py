@@ -1,45 +1,25 @@
 """KV slots: one llama.cpp context with a KV stream per concurrent sequence, and what each stream holds.
 
-The settings keep a sequence's output the same token for token whether it runs alone or beside others; each was
-measured on SmolLM2-135M (a 979-token FinQA prompt, and 9 shorter ones), comparing logits bit for bit, with 0 to 15
-sequences beside one on the base's Q4_1 and the adapter's q4_k_m.
+Every setting here keeps a sequence's output the same token for token whether it runs alone or beside others (the
+engine tests compare logits bit for bit; what each setting guards against and costs is measured in
+benchmarks/serving.md, "Batch invariance"):
 
-- One KV stream per slot (`kv_unified=False`): with one unified cache the sequences' cells interleave, the
-  attention sums run in another order, and 3 of the 9 greedy outputs changed.
-- Flash attention off for an f16 cache: with it, a sequence's logits changed (by up to 1.2) whenever another
-  sequence decoded in the same step, and with the chunking of its own prompt (up to 0.6). Without it both were
-  bit-identical. It costs some speed: flash attention decoded 7-18% faster here, and bare decoding of 8 sequences
-  26% faster; but an engine with it served 8 clients no faster (fastest round 171 vs 161 tokens/s, median 154 vs
-  157; stop 15).
-- K/V stored at 8 bits by default (`DEFAULT_KV_CACHE`, q8_0), half of f16 (180 -> 96 MiB a model at 4 slots x
-  2048). llama.cpp quantizes V only with flash attention, and it is allowed here because with a quantized cache the
-  CPU flash-attention kernel takes neither of the paths that broke batch invariance above (the KV-split one for a
-  single query row, the tiled one for long chunks, both f16/f32 only): every query row goes through the same
-  per-row loop, and the invariance tests pass bit for bit. The price is that loop on prompts: ~28% slower prompt
-  processing than f16 (1024 tokens in 64-token chunks on 2 cores: 188 vs 261 tokens/s on the adapter's q4_k_m);
-  decoding after short prompts is 5-20% faster, after 1024-token ones within 5% (benchmarks/kv_cache.py), and 8
-  clients get 13-28% more tokens/s (benchmarks/results/batching). The default is 8-bit because it is what lets
-  base + adapted serve in under 600 MB with 4 slots of 2048 tokens each; `kv_cache="f16"` trades that memory for
-  faster prompts.
-- With the f16 cache, prompt tokens in the same calls whatever the neighbours: there a token's K/V depends on how
-  many tokens of its sequence share its call (q4_k_m adapter: the tail of a 584-token prompt in a call of 2-5
-  tokens gave logits 1.02 away from the same tokens in a call of 8 or more; a 200-token prompt with one-token calls
-  in it, up to 1.06 on the adapter and 0.52 on the base's Q4_1). So a prompt is cut on one grid, at multiples of
-  `align` (the engine's prefill chunk), counted from its first token: a cached or copied prefix is reused only
-  down to a multiple of it, and the engine decodes whole grid chunks. With the 8-bit cache attention runs the
-  per-row loop whatever the call holds, and the same 200-token prompt cut anywhere (after 1, 2, 30, 63, 65 tokens,
-  in one-token calls, ...) gave bit-identical logits on both models, so there a prefix is reused at any length
-  (`cut_anywhere`): a 30-token system prompt counts. A finished request keeps only its prompt's cells for reuse;
-  its reply's cells are freed at once.
-- Weights as the GGUF stores them, multiplied by one kernel whatever the row count (`llama_thread.load`):
-  llama.cpp's repacked CPU copies of Q4_K/Q8_0 weights compute a row differently once four rows share a call (the
-  merged adapter's q4_k_m logits moved by up to 0.42), and its tiled K-quant kernel, taken from eight rows on, does
-  too (up to 0.675). The base's Q4_1 meets neither, which is why the engine tests, run on it, passed all along.
-- Consecutive slot ids: with per-sequence streams llama.cpp puts sequences into one micro-batch only while their
-  ids run consecutively in batch order, so a gap between busy slots costs a second pass over the weights. A decode
-  step fills a gap of one or two idle slots with a placeholder token each, removed right after: more rows in the
-  same pass instead of a second pass (half the 8-client steps had a gap; see benchmarks/results/batching). Longer
-  gaps, as when few requests are left, cost less as a second pass (`MAX_FILLED_GAP`).
+- One KV stream per slot (`kv_unified=False`): in a unified cache the sequences' cells interleave and attention sums
+  them in another order.
+- K/V stored at 8 bits by default (`DEFAULT_KV_CACHE`, q8_0): half the memory of f16, which is what lets base and
+  adapted serve in under 600 MB at the default slots. llama.cpp quantizes V only with flash attention; with a
+  quantized cache its CPU kernel sends every query row through the same per-row loop, which keeps the output batch
+  invariant but processes prompts more slowly. With the f16 cache flash attention stays off: its f16 paths make a
+  sequence's logits depend on its neighbours in a step and on how its own prompt was chunked.
+- With the f16 cache a token's K/V depends on how many tokens of its sequence share its decode call, so a prompt is
+  cut on one grid, at multiples of `align` (the engine's prefill chunk) counted from its first token: the engine
+  decodes whole grid chunks, and a cached or copied prefix is reused only down to a multiple of it. With the 8-bit
+  cache any cut gives the same K/V, and a prefix is reused at any length (`cut_anywhere`). A finished request keeps
+  only its prompt's cells for reuse.
+- Weights as the GGUF stores them, multiplied by one kernel whatever the row count (`llama_thread.load`).
+- Consecutive slot ids: llama.cpp puts sequences into one micro-batch only while their ids run consecutively, so a
+  decode step fills a short gap of idle slots with placeholder tokens, removed right after, rather than pay a
+  second pass over the weights (`MAX_FILLED_GAP`).
 
 A slot keeps its prompt's K/V after its request ends: that is the prefix cache. A new prompt goes to the free
 slot holding the longest prefix of it, or to the free slot next to the busy ones where that saves less than a
@@ -62,9 +42,9 @@ from adaptserve import llama_thread
 # K/V storage types a KVSlots takes: llama.cpp's own default, and 8-bit at half its size (see the module docstring).
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 DEFAULT_KV_CACHE = "q8_0"
-# Idle slots between decoding ones that a step fills with placeholder rows rather than split into a second pass. On
-# 2 cores (SmolLM2-135M q4_k_m) a row costs ~3.3 ms of a step and a pass ~6.5 ms over its rows: busy slots 0-3 and
-# 5-7 ran in 36 ms filled vs 41 split, 0-2 and 5-7 in 33 vs 44, but 0-1 and 6-7 in 33 vs 28, 0 and 7 in 30 vs 18.
+# Idle slots between decoding ones that a step fills with placeholder rows rather than split into a second pass:
+# every placeholder row costs time, so filling wins for gaps of one or two slots and loses for longer ones
+# (benchmarks/serving.md, "Which gaps to fill").
 MAX_FILLED_GAP = 2
 
 
@@ -155,10 +135,10 @@ class KVSlots:
         The slot is the one holding the longest prefix, unless slots are busy and it saves under `align` tokens
         over the free slot next to them: a step over a gap pays for it at every token of the reply, a prefix once.
 
-        llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about one decode step's
-        time for 4096 cells of SmolLM2-135M); it is done only when it saves at least `align` tokens of prefill.
-        A slot holding the whole prompt is copied whatever its length (the n choices of one request). Without
-        `reuse` the whole prompt is decoded again (its logits are wanted at every position).
+        llama.cpp copies across streams only in full, so a copy moves a whole slot's buffer (about as long as a
+        decode step; benchmarks/serving.md); it is done only when it saves at least `align` tokens of prefill, or
+        when the slot holds the whole prompt (the n choices of one request). Without `reuse` the whole prompt is
+        decoded again (its logits are wanted at every position).
         """
         held = {s.seq_id: s.prefix(prompt) for s in self.slots}
         free = [s for s in self.slots if not s.busy]
@@ -261,7 +241,7 @@ class KVSlots:
     def sample(self, sampler: _internals.LlamaSampler | None, row: int) -> int:
         """The next token from logits row `row`: by `sampler`, or greedily where there is none. Greedy is the argmax
         of the row, read in place: llama.cpp's greedy sampler first copies the whole vocabulary into a candidate
-        array, 107 us a row on this 2-core VM against 13 (the first of equal maxima either way)."""
+        array, several times slower (benchmarks/serving.md). Both take the first of equal maxima."""
         if sampler is None:
             return int(self.logits(row).argmax())
         return llama_cpp.llama_sampler_sample(sampler.sampler, self.ctx.ctx, row)

@@ -34,7 +34,7 @@ class TrainConfig:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha/rank)"})
     dropout: float = field(
         default=0.0,
-        metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, 1.6x the activation memory"},
+        metadata={"help": "LoRA dropout; any dropout keeps a copy of each adapted layer's input, in activation memory"},
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
@@ -51,14 +51,13 @@ class TrainConfig:
         default=2, metadata={"help": "FinQA report sentences kept beside the table (BM25 against the question)"}
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward pass: far less memory, a third more time"}
+        default=False, metadata={"help": "recompute activations in the backward pass: far less memory, more time"}
     )
     low_memory: bool = field(
         default=False,
         metadata={
-            "help": "CPU: gradient checkpointing plus an allocator that returns freed activations to the OS at once; "
-            "peak RSS of a 4 x 512-token LoRA step on SmolLM2-135M falls from 5.3 GiB to 1.3 GiB and stays flat, "
-            "at about 55% of the speed (benchmarks/training.md)"
+            "help": "CPU: gradient checkpointing plus an allocator that returns freed activations to the OS at once: "
+            "far less peak RSS, flat over the run, at about half the speed (benchmarks/training.md)"
         },
     )
     precision: str = field(

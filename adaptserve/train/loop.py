@@ -192,12 +192,12 @@ def _step(
 
 
 def release_freed_memory() -> None:
-    """Have glibc give every freed block over 1 MB back to the OS at once.
+    """Have glibc give every freed block of 1 MiB or more back to the OS at once.
 
-    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), so activation
-    tensors land in the heap, and a heap fragmented by tensors of a dozen sizes never shrinks: RSS settles
-    gigabytes above what is live. A fixed threshold keeps it at what is live, at the price of a page fault per
-    page of every new activation tensor.
+    By default glibc raises its mmap threshold to the largest block freed so far (up to its 32 MiB limit), so
+    activation tensors land in the heap, and a heap fragmented by tensors of a dozen sizes never shrinks: RSS settles
+    well above what is live (benchmarks/training.md). A fixed threshold keeps it at what is live, at the price of a
+    page fault per page of every new activation tensor.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -25,10 +25,10 @@ class TrainReport:
     examples: int  # examples trained on
     skipped: int  # examples longer than max_seq_len
     data_hash: str  # finqa.data_hash of the items, before tokenizing
-    train_tokens: int  # prompt and answer tokens processed, padding excluded, over all resumed sessions
-    train_seconds: float  # time in the training loop, over all resumed sessions
+    train_tokens: int  # prompt and answer tokens processed, padding excluded, over all resumed runs
+    train_seconds: float  # time in the training loop, over all resumed runs
     tokens_per_second: float
-    wall_seconds: float  # this session, loading included
+    wall_seconds: float  # this run alone, loading included
     peak_memory_bytes: int
     peak_memory_kind: str  # "cuda_max_allocated" or "process_max_rss"
     final_loss: float
