@@ -207,3 +207,17 @@ def test_completions_take_token_ids_several_prompts_and_best_of(oa: openai.OpenA
 def metric_total(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_tokenizer_routes_round_trip(server: Server) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, which lm_eval's remote tokenizer uses."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        info = c.get("/tokenizer_info").json()
+        assert info["eos_token"] == "<|im_end|>" and "im_start" in info["chat_template"]
+        out = c.post("/tokenize", json={"prompt": "Net income: 5,829", "add_special_tokens": False}).json()
+        assert out["count"] == len(out["tokens"]) > 0 and out["max_model_len"] == 2048
+        assert c.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": "Net income: 5,829"}
+        gemma = c.post("/tokenize", json={"model": "gemma3-270m", "prompt": "Net income: 5,829"}).json()
+        assert gemma["tokens"] != out["tokens"]
+        bad = c.post("/detokenize", json={"tokens": [-1]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

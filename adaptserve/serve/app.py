@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -15,7 +16,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from adaptserve.models import resolve
 from adaptserve.serve.config import ServeConfig
-from adaptserve.serve.errors import add_error_handlers
+from adaptserve.serve.errors import add_error_handlers, invalid
 from adaptserve.serve.finqa_answer import answer_finqa
 from adaptserve.serve.guard import Guard, env_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
@@ -25,18 +26,32 @@ from adaptserve.serve.schema import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     FinQARequest,
     FinQAResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from adaptserve.serve.serving import chat, complete, unless_gone
 from adaptserve.serve.ui_mount import LazyUI
 
 log = logging.getLogger(__name__)
 
-API_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/finqa", "/health", "/metrics")
+API_ROUTES = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/finqa",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/health",
+    "/metrics",
+)
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -98,6 +113,24 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def retrieve_model(model: str) -> ModelCard:
         spec = pool.spec(model)
         return ModelCard(id=spec.name, created=int(time.time()), description=spec.description)
+
+    # The tokenizer routes of vLLM's server, which evaluation harnesses (lm_eval's remote tokenizer) look for.
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        engine = pool.get(req.model)
+        tokens = engine.tokenize(req.prompt, add_bos=req.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.n_ctx)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        engine = pool.get(req.model)
+        if any(not 0 <= t < engine.n_vocab for t in req.tokens):
+            raise invalid(f"token ids must lie in [0, {engine.n_vocab})", param="tokens")
+        return DetokenizeResponse(prompt=engine.detokenize(req.tokens))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
+        return pool.get(model).tokenizer_info()
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(req: CompletionRequest, request: Request) -> Response | CompletionResponse:

@@ -254,6 +254,10 @@ class Engine(Protocol):
         """What runs this model (backend, weights, threads, slots, context), for /health and reports."""
         ...
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens and chat template, as vLLM's /tokenizer_info gives them."""
+        ...
+
     # Shared by every engine: a protocol's methods with bodies are inherited by classes that subclass it.
 
     def chat_stops(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adaptserve.serve.schema import ErrorDetail, ErrorResponse
 
-PROTECTED = ("/v1", "/admin")  # /health, /metrics, /docs and the UI stay open
+PROTECTED = ("/v1", "/admin", "/tokenize", "/detokenize", "/tokenizer_info")  # /health, /metrics, /docs, UI: open
 KEYS_ENV = "ADAPTSERVE_API_KEYS"
 
 

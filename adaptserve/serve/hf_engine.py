@@ -515,6 +515,16 @@ class HFEngine(Engine):
     def drain(self, timeout: float) -> None:
         self.base.drain(timeout)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        tokenizer = self.base.tokenizer
+        return {
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": self.base.n_ctx,
+        }
+
     def describe(self) -> dict[str, Any]:
         base = self.base
         return {

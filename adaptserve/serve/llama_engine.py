@@ -209,6 +209,20 @@ class LlamaCppEngine(Engine):
     def cached_prompt_tokens(self) -> int:
         return self.slots.cached_prompt_tokens
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        model = self.llm._model
+
+        def text(token: int) -> str | None:
+            return model.token_get_text(token) if token != -1 else None
+
+        return {
+            "eos_token": text(self.llm.token_eos()),
+            "bos_token": text(self.llm.token_bos()),
+            "pad_token": None,
+            "chat_template": self.llm.metadata.get("tokenizer.chat_template"),
+            "model_max_length": self.n_ctx,
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "llama.cpp",
