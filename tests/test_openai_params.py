@@ -3,6 +3,8 @@ honoured or refused with a 400 that names it (docs/serving.md has the table)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,7 +108,6 @@ def test_transformers_sampling_applies_bias_and_penalties_as_llama_cpp_does() ->
     "extra,param",
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"not_an_openai_parameter": 1}, "not_an_openai_parameter"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
@@ -221,3 +222,69 @@ def test_tokenizer_routes_round_trip(server: Server) -> None:
         assert gemma["tokens"] != out["tokens"]
         bad = c.post("/detokenize", json={"tokens": [-1]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+COMPANY = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "revenue": {"type": "number"}},
+    "required": ["name", "revenue"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_under_batching(server: Server) -> None:
+    """A JSON-schema request, a raw-grammar request, a JSON-object request and an unconstrained one, sent together
+    so that they decode in one batch: each constrained output parses as its constraint says."""
+    messages = [{"role": "user", "content": "Describe a company as JSON with its name and revenue."}]
+    bodies: list[dict[str, Any]] = [
+        {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "company", "schema": COMPANY}},
+            "temperature": 0.7,
+            "seed": 1,
+        },
+        {"grammar": 'root ::= "yes" | "no"', "temperature": 0},
+        {"response_format": {"type": "json_object"}, "temperature": 0},
+        {"temperature": 0},
+    ]
+
+    async def send(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 80, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    async def all_at_once() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(send(client, b) for b in bodies))
+
+    company, yes_no, anything, _ = asyncio.run(all_at_once())
+    assert company["finish_reason"] == "stop"
+    parsed = json.loads(company["message"]["content"])
+    assert set(parsed) == {"name", "revenue"} and isinstance(parsed["name"], str) and isinstance(parsed["revenue"], (int, float))
+    assert yes_no["message"]["content"] in ("yes", "no") and yes_no["finish_reason"] == "stop"
+    assert anything["finish_reason"] == "stop" and isinstance(json.loads(anything["message"]["content"]), dict)
+
+
+@pytest.mark.parametrize(
+    "body,param,code,reason",
+    [
+        ({"grammar": 'root ::= "a" undefined-rule'}, "grammar", "invalid_grammar", "undefined-rule"),
+        ({"grammar": "root ::= ("}, "grammar", "invalid_grammar", "expecting"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}},
+            "response_format",
+            "invalid_schema",
+            "missing",
+        ),
+        ({"response_format": {"type": "json_schema"}}, None, "invalid_value", "json_schema"),
+        ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, None, "invalid_value", "not both"),
+    ],
+)
+def test_a_bad_grammar_or_schema_is_a_400_with_the_reason(
+    server: Server, body: dict[str, Any], param: str | None, code: str, reason: str
+) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": COUNT, "max_tokens": 2, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and reason in error["message"]
+    if param:
+        assert error["param"] == param

@@ -49,6 +49,10 @@ class PromptTooLong(InvalidPrompt):
     """Prompt plus requested completion does not fit the context window."""
 
 
+class InvalidGrammar(ValueError):
+    """A grammar the engine cannot enforce: it does not parse, or the engine has no grammar sampler."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: up to the end of the context window
@@ -61,6 +65,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with the k most likely alternatives
     echo: bool = False  # also the prompt tokens' log-probabilities (with `logprobs`), computed without the prefix cache
+    grammar: str | None = None  # GBNF (root rule `root`) the output must follow, enforced while sampling
 
     @property
     def greedy(self) -> bool:
@@ -69,7 +74,7 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Nothing to apply to the logits before picking a token: no penalties, no bias."""
-        return not (self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return not (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar)
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,10 @@ class Engine(Protocol):
 
     def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's special tokens and chat template, as vLLM's /tokenizer_info gives them."""
+        ...
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why this engine cannot enforce `grammar` (GBNF), or None when it can."""
         ...
 
     # Shared by every engine: a protocol's methods with bodies are inherited by classes that subclass it.

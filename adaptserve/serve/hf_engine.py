@@ -49,6 +49,7 @@ from adaptserve.serve.engine import (
     Failed,
     Finished,
     Generation,
+    InvalidGrammar,
     Job,
     JobQueue,
     Output,
@@ -510,10 +511,15 @@ class HFEngine(Engine):
         on_finish: Callable[[Finished], None] | None = None,
         timeout: float | None = None,
     ) -> Generation:
+        if params.grammar is not None and (reason := self.grammar_error(params.grammar)):
+            raise InvalidGrammar(reason)
         return self.base.submit(prompt, params, self.adapter, on_finish, timeout)
 
     def drain(self, timeout: float) -> None:
         self.base.drain(timeout)
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return "grammar-constrained output needs the llama.cpp backend (serve --backend llama.cpp)"
 
     def tokenizer_info(self) -> dict[str, Any]:
         tokenizer = self.base.tokenizer

@@ -238,14 +238,6 @@ class KVSlots:
             feed.slot.cached.extend(feed.tokens)
         return rows
 
-    def sample(self, sampler: _internals.LlamaSampler | None, row: int) -> int:
-        """The next token from logits row `row`: by `sampler`, or greedily where there is none. Greedy is the argmax
-        of the row, read in place: llama.cpp's greedy sampler first copies the whole vocabulary into a candidate
-        array, several times slower (benchmarks/serving.md). Both take the first of equal maxima."""
-        if sampler is None:
-            return int(self.logits(row).argmax())
-        return llama_cpp.llama_sampler_sample(sampler.sampler, self.ctx.ctx, row)
-
     def logits(self, row: int) -> np.ndarray:
         """Logits row `row` of the last decode, read in place: valid until the next decode."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.n_vocab,))

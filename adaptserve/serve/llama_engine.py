@@ -12,7 +12,6 @@ import asyncio
 import functools
 import logging
 import queue
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import _internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from adaptserve import llama_thread
@@ -36,6 +34,7 @@ from adaptserve.serve.engine import (
     Failed,
     Finished,
     Generation,
+    InvalidGrammar,
     Job,
     JobQueue,
     Output,
@@ -44,6 +43,7 @@ from adaptserve.serve.engine import (
     logprobs_of,
 )
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
+from adaptserve.serve.llama_sampling import Sampler, check_grammar
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class _Sequence:
 
     out: Output
     slot: Slot
-    sampler: _internals.LlamaSampler | None  # None: greedy (KVSlots.sample)
+    sampler: Sampler
     pending: list[int]  # prompt tokens not decoded yet
     next_token: int = -1  # sampled, to be decoded in the next step
     echo: list[TokenLogprob] | None = None  # prompt log-probabilities gathered during prefill, when asked for
@@ -66,28 +66,7 @@ class _Sequence:
         return self.out.job
 
     def close_sampler(self) -> None:
-        if self.sampler is not None:
-            self.sampler.close()
-
-
-def _sampler(params: SamplingParams, n_vocab: int, limit: int) -> _internals.LlamaSampler | None:
-    """llama.cpp's sampler chain for these settings, in llama.cpp's order (bias, penalties, then top_p, temperature
-    and the draw), leaving out the filters that would do nothing; None for plain greedy, which KVSlots.sample does
-    itself. llama_sampler_sample feeds each sampled token back, so penalties count the completion's tokens."""
-    if params.greedy and params.plain:
-        return None
-    sampler = _internals.LlamaSampler()
-    if params.logit_bias:
-        sampler.add_logit_bias(n_vocab, dict(params.logit_bias))
-    if params.presence_penalty or params.frequency_penalty:
-        sampler.add_penalties(n_vocab, limit, 1.0, params.frequency_penalty, params.presence_penalty)
-    if params.greedy:
-        sampler.add_greedy()
-        return sampler
-    sampler.add_top_p(params.top_p, 1)
-    sampler.add_temp(params.temperature)
-    sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
-    return sampler
+        self.sampler.close()
 
 
 class LlamaCppEngine(Engine):
@@ -183,6 +162,8 @@ class LlamaCppEngine(Engine):
         timeout: float | None = None,
     ) -> Generation:
         self.budget(prompt, params.max_tokens)
+        if params.grammar is not None and (reason := self.grammar_error(params.grammar)):
+            raise InvalidGrammar(reason)
         generation = Generation(asyncio.get_running_loop(), on_finish, timeout)
         self._jobs.put(Job(list(prompt), params, generation.put, generation.cancelled))
         llama_thread.wake()
@@ -208,6 +189,13 @@ class LlamaCppEngine(Engine):
     @property
     def cached_prompt_tokens(self) -> int:
         return self.slots.cached_prompt_tokens
+
+    def grammar_error(self, grammar: str) -> str | None:
+        try:
+            check_grammar(self.llm._model.vocab, grammar)
+        except InvalidGrammar as err:
+            return str(err)
+        return None
 
     def tokenizer_info(self) -> dict[str, Any]:
         model = self.llm._model
@@ -313,7 +301,7 @@ class LlamaCppEngine(Engine):
 
     def _start(self, job: Job, dequeued: float) -> _Sequence:
         limit = self.budget(job.prompt, job.params.max_tokens)
-        sampler = _sampler(job.params, self.n_vocab, limit)
+        sampler = Sampler(job.params, self.llm._model.vocab, self.n_vocab, limit)
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
         slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk, reuse=not job.params.echo)
         out = Output(job, limit, ByteDetokenizer(self._piece), dequeued)
@@ -372,7 +360,7 @@ class LlamaCppEngine(Engine):
 
     def _advance(self, running: list[_Sequence], seq: _Sequence, row: int) -> None:
         """Sample the sequence's next token from logits row `row` and pass it on."""
-        token = self.slots.sample(seq.sampler, row)
+        token = seq.sampler.sample(self.slots.logits(row))
         if self._eog(token):
             self._finish(running, seq, "stop")
             return

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 from adaptserve import finqa
 from adaptserve.models import ModelSpec, resolve
 from adaptserve.serve.config import ServeConfig
-from adaptserve.serve.engine import Engine, EngineBusy, Generation, InvalidPrompt, PromptTooLong, SamplingParams
+from adaptserve.serve.engine import (
+    Engine,
+    EngineBusy,
+    Generation,
+    InvalidGrammar,
+    InvalidPrompt,
+    PromptTooLong,
+    SamplingParams,
+)
 from adaptserve.serve.errors import APIError, invalid, overloaded
 from adaptserve.serve.metrics import Metrics
 
@@ -169,6 +177,8 @@ class ModelPool:
             raise invalid(str(err), "context_length_exceeded", "messages") from None
         except InvalidPrompt as err:
             raise invalid(str(err), param="prompt") from None
+        except InvalidGrammar as err:
+            raise invalid(str(err), "invalid_grammar", "grammar") from None
         except EngineBusy as err:
             raise overloaded(err) from None
 

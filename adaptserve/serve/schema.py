@@ -27,7 +27,6 @@ NOT_HONOURED: dict[str, tuple[tuple[Any, ...], str]] = {
     "parallel_tool_calls": ((None,), "tool calling is not supported"),
     "functions": ((None, []), "function calling is not supported"),
     "function_call": ((None, "none"), "function calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "structured output (response_format) is not supported"),
     "modalities": ((None, ["text"]), "only text output is supported"),
     "audio": ((None,), "audio output is not supported"),
     "prediction": ((None,), "predicted outputs are not supported"),
@@ -64,6 +63,24 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchema(_Request):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = Field(None, description="always enforced: the grammar admits only what the schema allows")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is json_schema")
+        return self
+
+
 class SamplingFields(_Request):
     model: str | None = Field(None, description="a served model id; the first served model when omitted")
     max_tokens: int | None = Field(None, ge=1, description="completion tokens; default: up to the context window")
@@ -77,6 +94,8 @@ class SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per occurrence so far")
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100] added to its logit")
     user: str | None = Field(None, description="an end-user id: written to the access log, no effect on output")
+    response_format: ResponseFormat | None = Field(None, description="text, or JSON (any object, or a schema's)")
+    grammar: str | None = Field(None, max_length=65536, description="a GBNF grammar (root rule `root`) the output follows")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -93,6 +112,12 @@ class SamplingFields(_Request):
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"biases lie in [-100, 100], got {value} for token {token}")
         return bias
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingFields:
+        if self.grammar is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("send grammar or a JSON response_format, not both")
+        return self
 
     @model_validator(mode="after")
     def _one_max_tokens(self) -> SamplingFields:

@@ -34,6 +34,7 @@ from adaptserve.serve.schema import (
     SamplingFields,
     Usage,
 )
+from adaptserve.serve.structured import InvalidSchema, response_grammar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +53,12 @@ def sampling_params(
         raise invalid(f"token id {bias[-1][0]} is outside {engine.name}'s vocabulary of {engine.n_vocab}", param="logit_bias")
     if req.user:
         log.info("request for user %r on %s", req.user, engine.name)
+    try:
+        grammar, field = response_grammar(req.response_format, req.grammar)
+    except InvalidSchema as err:
+        raise invalid(str(err), "invalid_schema", "response_format") from None
+    if grammar is not None and (reason := engine.grammar_error(grammar)):
+        raise invalid(reason, "invalid_grammar", field)
     return SamplingParams(
         max_tokens=limit,
         temperature=req.temperature,
@@ -62,6 +69,7 @@ def sampling_params(
         frequency_penalty=req.frequency_penalty,
         logit_bias=bias,
         logprobs=logprobs,
+        grammar=grammar,
     )
 
 
