@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def test_adapter_writes_programs_the_base_does_not(client: httpx.Client) -> None
 
     def executed(model: str) -> int:
         fields = ("question", "pre_text", "table", "post_text")
-        bodies = [client.post("/v1/finqa", json={"model": model, **{f: getattr(r, f) for f in fields}}).json() for r in records]
+        unconstrained = {"model": model, "grammar": False}  # what each model writes by itself
+        bodies = [client.post("/v1/finqa", json={**unconstrained, **{f: getattr(r, f) for f in fields}}).json() for r in records]
         assert all(b["model"] == model for b in bodies)
         return sum(b["answer"] is not None for b in bodies)
 
@@ -245,3 +247,40 @@ def test_the_ui_is_built_at_its_first_visit(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert srv.proc.returncode == 0 and "Traceback" not in srv.log.read_text()
+
+
+REPORT_TABLE = [["", "2019", "2018"], ["operating income", "$ 2,480", "$ 2,210"]]
+REPORT_QUESTION = "what was the percentage change in operating income from 2018 to 2019?"
+
+
+def test_finqa_reads_report_style_numbers(client: httpx.Client) -> None:
+    """Thousands separators are rewritten into FinQA's form before the adapter sees them, and the rewrite is
+    reported; without it the adapter reads "2,480" as the numbers 2 and 480."""
+    body = {"model": "smollm2-135m-finqa", "question": REPORT_QUESTION, "table": REPORT_TABLE}
+    r = client.post("/v1/finqa", json=body).json()
+    assert {c["where"]: c["after"] for c in r["normalized"]} == {"table[1][1]": "$ 2480", "table[1][2]": "$ 2210"}
+    assert r["program"] and "2480" in r["program"] and "2210" in r["program"], r
+    raw = client.post("/v1/finqa", json={**body, "normalize": False, "grammar": False}).json()
+    assert raw["normalized"] == [] and "2480" not in (raw["program"] or "")
+
+
+def test_finqa_votes_over_samples_and_can_decline(client: httpx.Client) -> None:
+    body = {"model": "smollm2-135m-finqa", "question": REPORT_QUESTION, "table": REPORT_TABLE, "samples": 6, "seed": 3}
+    r = client.post("/v1/finqa", json=body).json()
+    assert len(r["candidates"]) == 6 and 0 < r["confidence"] <= 1
+    agreeing = [c for c in r["candidates"] if c["answer"] == r["answer"]]
+    assert len(agreeing) == round(r["confidence"] * 6) and r["program"] in {c["program"] for c in agreeing}
+    greedy = client.post("/v1/finqa", json={**body, "samples": 1}).json()
+    assert greedy["confidence"] is None and r["candidates"][0]["program"] == greedy["program"]  # candidate 0 is greedy
+    declined = client.post("/v1/finqa", json={**body, "min_confidence": 1.0}).json()
+    if r["confidence"] < 1.0:
+        assert declined["answer"] is None and "min_confidence" in declined["error"]
+
+
+def test_finqa_grammar_keeps_the_base_to_programs_of_input_numbers(client: httpx.Client) -> None:
+    """The untuned base, held to FinQA's grammar and the numbers of its input, writes a program that parses."""
+    body = {"model": "smollm2-135m", "question": REPORT_QUESTION, "table": REPORT_TABLE, "numbers_from_input": True}
+    r = client.post("/v1/finqa", json=body).json()
+    assert r["program"] is not None and finqa.parse_program(r["program"])
+    numbers = {n for n in re.findall(r"(?<![#_\w])\d+(?:\.\d+)?", r["program"])}
+    assert numbers <= {"2019", "2018", "2480", "2210"}, r["program"]

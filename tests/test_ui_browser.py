@@ -73,5 +73,6 @@ def test_finqa_tab_shows_program_and_answer(page) -> None:
     expect(page.get_by_label("Raw model output")).not_to_have_value("", timeout=60_000)
     assert page.get_by_label("Program the model wrote").input_value()
     assert page.get_by_label("Executed answer").input_value()
+    assert "programs give this answer" in page.get_by_label("Confidence").input_value()  # 8 drawn by default
     if os.environ.get("ADAPTSERVE_SCREENSHOT"):
         page.screenshot(path=str(REPO / "docs" / "ui-finqa.png"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -9,6 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve.serve.engine import EngineBusy, EngineError, TimedOut
 from adaptserve.serve.schema import UnsupportedParameter
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -80,3 +84,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, err: EngineError) -> JSONResponse:
         return engine_failure(err).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:  # a bug: still a JSON body, and logged
+        log.error("unhandled %s", type(err).__name__, exc_info=err)
+        return APIError(500, f"internal error: {type(err).__name__}", "server_error").response()

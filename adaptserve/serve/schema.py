@@ -220,6 +220,15 @@ class FinQARequest(_Request):
     post_text: list[str] | str = Field(default_factory=list)
     model: str | None = None
     max_tokens: int = Field(96, ge=1, le=512)
+    normalize: bool = Field(
+        True, description="rewrite report-style numbers (1,234, (5), $1,234, a Unicode minus) into FinQA's form"
+    )
+    grammar: bool | None = Field(None, description="decode within FinQA's program grammar (default: where the backend can)")
+    numbers_from_input: bool = Field(False, description="with the grammar: only numbers found in the question, table or text")
+    samples: int = Field(1, ge=1, le=MAX_CHOICES, description="programs drawn: the greedy one plus samples - 1 sampled")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="for the sampled programs")
+    seed: int | None = None
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="below this vote share, answer null instead")
 
 
 class TokenizeRequest(_Request):
@@ -345,12 +354,28 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FinQACandidate(BaseModel):
+    program: str | None
+    answer: float | str | None
+    raw: str
+    error: str | None = None
+
+
+class NormalizationChange(BaseModel):
+    where: str = Field(..., description='"question", "table[r][c]", "pre_text[i]" or "post_text[i]"')
+    before: str
+    after: str
+
+
 class FinQAResponse(BaseModel):
     answer: float | str | None = Field(..., description="the program's execution; null when it did not execute")
     program: str | None = Field(..., description="the program the model wrote, as extracted from its output")
     raw: str = Field(..., description="the model's raw output")
     model: str
     error: str | None = Field(None, description="why no answer came out, when none did")
+    confidence: float | None = Field(None, description="with samples > 1: the answer's share of the votes")
+    candidates: list[FinQACandidate] = Field(default_factory=list, description="every program drawn, greedy first")
+    normalized: list[NormalizationChange] = Field(default_factory=list, description="what normalization rewrote")
 
 
 class ErrorDetail(BaseModel):

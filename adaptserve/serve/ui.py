@@ -21,7 +21,7 @@ from adaptserve.serve.engine import SamplingParams, TextDelta
 from adaptserve.serve.errors import APIError
 from adaptserve.serve.finqa_answer import answer_finqa
 from adaptserve.serve.pool import ModelPool
-from adaptserve.serve.schema import FinQARequest
+from adaptserve.serve.schema import FinQARequest, FinQAResponse
 
 EXAMPLE_TABLE = """| 2015 | 2014
 net revenue | $ 5829 | $ 5735
@@ -42,6 +42,13 @@ def parse_table(text: str) -> list[list[str]]:
     """One row a line, cells split on `|` or tabs (commas are thousands separators in FinQA tables)."""
     sep = "|" if "|" in text else "\t"
     return [[cell.strip() for cell in line.strip().strip("|").split(sep)] for line in text.splitlines() if line.strip()]
+
+
+def confidence_text(result: FinQAResponse) -> str:
+    if result.confidence is None:
+        return "one program drawn: no vote"
+    agree = round(result.confidence * len(result.candidates))
+    return f"{result.confidence:.0%} ({agree} of {len(result.candidates)} programs give this answer)"
 
 
 def build_ui(pool: ModelPool) -> gr.Blocks:
@@ -65,17 +72,18 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
                 reply += event.text
                 yield reply
 
-    async def finqa(model: str, question: str, table_text: str, context: str) -> tuple[str, str, str]:
+    async def finqa(model: str, question: str, table_text: str, context: str, samples: float) -> tuple[str, str, str, str]:
         if not question.strip():
             raise gr.Error("Write a question first.")
         try:
             engine = pool.get(model)
-            req = FinQARequest(question=question, table=parse_table(table_text), pre_text=[context] if context.strip() else [])
+            pre = [context] if context.strip() else []
+            req = FinQARequest(question=question, table=parse_table(table_text), pre_text=pre, samples=int(samples))
             result = await answer_finqa(pool, engine, req)
         except APIError as err:
             raise gr.Error(err.message) from None
         answer = result.error if result.answer is None else str(result.answer)
-        return result.program or "(none)", answer or "", result.raw
+        return result.program or "(none)", answer or "", confidence_text(result), result.raw
 
     with gr.Blocks(title="adaptserve", analytics_enabled=False) as demo:
         gr.Markdown("## adaptserve\nChat with the served models, or ask a FinQA question over a table.")
@@ -90,11 +98,13 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
             question = gr.Textbox(label="Question", value=EXAMPLE_QUESTION)
             table = gr.Textbox(label="Table (one row a line, cells separated by |)", value=EXAMPLE_TABLE, lines=6)
             context = gr.Textbox(label="Report text (optional)", lines=3)
+            samples = gr.Slider(1, 16, value=8, step=1, label="Programs to draw (the answer most of them give wins)")
             ask = gr.Button("Answer", variant="primary")
             program = gr.Textbox(label="Program the model wrote")
             answer = gr.Textbox(label="Executed answer")
+            confidence = gr.Textbox(label="Confidence")
             raw = gr.Textbox(label="Raw model output", lines=3)
-            ask.click(finqa, [fq_model, question, table, context], [program, answer, raw])
+            ask.click(finqa, [fq_model, question, table, context, samples], [program, answer, confidence, raw])
     return demo
 
 
