@@ -150,3 +150,14 @@ def test_bench_cpu(tmp_path: Path) -> None:
     run("bench_cpu.sh", "--limit", "1", "--prompts", prompts, "--ppl-ctx", "64", "--ppl-chunks", "2", "--requests", "8",
         "--max-tokens", "8", "--pp", "16", "--tg", "4", "--repeats", "2", "--threads", "1", env=env)  # fmt: skip
     assert (tmp_path / "bench" / "results.json").is_file() and (tmp_path / "bench" / "q8_0" / "results.json").is_file()
+
+
+def test_portable_build(tmp_path: Path) -> None:
+    """Both builds given as this venv's interpreter: the script's alternating rounds, its child processes and its
+    report run; which CPU backend the build loaded is reported (this venv's own build may load none by name)."""
+    run("portable_build.py", "--native", sys.executable, "--portable", sys.executable, "--rounds", "1", "--repeats", "1",
+        "--pp", "16", "--tg", "4", "--threads", "1", "--out", tmp_path)  # fmt: skip
+    summary = results(tmp_path / "results.json")
+    assert set(summary["builds"]) == {"native", "portable"}
+    assert all(b["pp_median"] > 0 and b["tg_median"] > 0 for b in summary["builds"].values())
+    assert "portable / native" in (tmp_path / "results.md").read_text()

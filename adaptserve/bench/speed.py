@@ -84,10 +84,10 @@ def llama_bench(
         threads=llm.n_threads,
         pp_tokens=pp,
         pp_tokens_per_second=round(statistics.mean(pp_runs), 2),
-        pp_std=round(statistics.stdev(pp_runs), 2),
+        pp_std=round(statistics.stdev(pp_runs), 2) if repeats > 1 else 0.0,
         tg_tokens=tg,
         tg_tokens_per_second=round(statistics.mean(tg_runs), 2),
-        tg_std=round(statistics.stdev(tg_runs), 2),
+        tg_std=round(statistics.stdev(tg_runs), 2) if repeats > 1 else 0.0,
         repeats=repeats,
     )
 
