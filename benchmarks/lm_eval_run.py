@@ -236,11 +236,12 @@ def markdown(report: dict[str, Any]) -> str:
 def run_all(server: str, models: Sequence[str], limit: int | None, threads: int | None) -> dict[str, Any]:
     import lm_eval
 
+    machine = host(threads)  # the checkout as the run starts
     outcomes = [evaluate(run, server, model, limit) for model in models for run in RUNS]
     checks = [check_loglikelihoods(o.model, o.pairs) for o in outcomes if o.pairs]
     return {
         "lm_eval": lm_eval.__version__,
-        "host": host(threads),
+        "host": machine,
         "limit": limit,
         "runs": [{k: v for k, v in asdict(o).items() if k != "pairs"} for o in outcomes],
         "loglikelihood_check": checks,
