@@ -47,11 +47,6 @@ def test_finqa_program_generation_through_each_client(server: Server, run: Run) 
     assert outcome.metrics["program_ran"] > 0  # the adapter writes a program the scorer could execute
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with echo, a completion whose one generated token is EOS returns the prompt's logprobs only; lm_eval "
-    "takes the last entry for the generated token and so drops the continuation's last token",
-)
 def test_adapter_loglikelihoods_agree_with_llama_cpp(server: Server) -> None:
     outcome = evaluate(Run(MC_TASK, "local-completions"), server.url, ADAPTER, limit=1)
     assert outcome.refused == []

@@ -66,6 +66,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with the k most likely alternatives
     echo: bool = False  # also the prompt tokens' log-probabilities (with `logprobs`), computed without the prefix cache
     grammar: str | None = None  # GBNF (root rule `root`) the output must follow, enforced while sampling
+    end_logprob: bool = False  # with `logprobs`: also the end-of-generation token's, as legacy completions list it
 
     @property
     def greedy(self) -> bool:
@@ -437,6 +438,12 @@ class Output:
         if self.cut:
             return "stop"
         return "length" if self.n >= self.limit else None
+
+    def end(self, logprob: TokenLogprob | None) -> None:
+        """The end-of-generation token that stops it: no text, but its log-probability goes out with the rest (a
+        scorer reading the completion's last entry as the generated token needs it there)."""
+        if logprob is not None and self.job.params.end_logprob:
+            self._logprobs.append(logprob)
 
     def _emit(self, text: str) -> None:
         self.job.emit(TextDelta(text, tuple(self._logprobs)))

@@ -462,13 +462,15 @@ class HFBase:
         if row.job.cancelled.is_set():
             self.requests_cancelled += 1
             row.out.finish("cancelled")
-        elif token in self._eos:
+            return False
+        k = row.job.params.logprobs
+        logprob = None if k is None else logprobs_of(logits.float().cpu().numpy(), [token], k, self._piece)[0]
+        if token in self._eos:
+            row.out.end(logprob)
             row.out.finish("stop")
         else:
             self.tokens_generated += 1
             row.history.append(token)
-            k = row.job.params.logprobs
-            logprob = None if k is None else logprobs_of(logits.float().cpu().numpy(), [token], k, self._piece)[0]
             reason = row.out.add(token, logprob)
             if reason is not None:
                 row.out.finish(reason)

@@ -305,7 +305,7 @@ class LlamaCppEngine(Engine):
         # A copy from another slot is worth it once it saves a prefill chunk; shorter shared prefixes are recomputed.
         slot, cached = self.slots.acquire(job.prompt, align=self.prefill_chunk, reuse=not job.params.echo)
         out = Output(job, limit, ByteDetokenizer(self._piece), dequeued)
-        echo = [TokenLogprob(job.prompt[0], self._piece(job.prompt[0]), None)] if job.params.echo else None
+        echo = [TokenLogprob(job.prompt[0], self._named_piece(job.prompt[0]), None)] if job.params.echo else None
         return _Sequence(out, slot, sampler, job.prompt[cached:], echo=echo)
 
     def _step(self, running: list[_Sequence]) -> None:
@@ -351,22 +351,27 @@ class LlamaCppEngine(Engine):
         if positions:
             rows = np.stack([self.slots.logits(last_row - (start + n - 1) + i) for i in positions])
             next_tokens = [prompt[i + 1] for i in positions]
-            seq.echo += logprobs_of(rows, next_tokens, seq.job.params.logprobs or 0, self._piece)
+            seq.echo += logprobs_of(rows, next_tokens, seq.job.params.logprobs or 0, self._named_piece)
         if not seq.pending:
             seq.out.prompt_logprobs(seq.echo)
 
     def _piece(self, token: int) -> bytes:
         return self.llm.detokenize([token])
 
+    def _named_piece(self, token: int) -> bytes:
+        """A token's text for log-probabilities: special tokens by name, as OpenAI lists `<|endoftext|>`."""
+        return self.llm.detokenize([token], special=True)
+
     def _advance(self, running: list[_Sequence], seq: _Sequence, row: int) -> None:
         """Sample the sequence's next token from logits row `row` and pass it on."""
         token = seq.sampler.sample(self.slots.logits(row))
+        k = seq.job.params.logprobs
+        logprob = None if k is None else logprobs_of(self.slots.logits(row), [token], k, self._named_piece)[0]
         if self._eog(token):
+            seq.out.end(logprob)
             self._finish(running, seq, "stop")
             return
         self.tokens_generated += 1
-        k = seq.job.params.logprobs
-        logprob = None if k is None else logprobs_of(self.slots.logits(row), [token], k, self._piece)[0]
         reason = seq.out.add(token, logprob)
         if reason is not None:
             self._finish(running, seq, reason)

@@ -199,7 +199,9 @@ async def complete(pool: ModelPool, req: CompletionRequest, request: Request) ->
     texts = [p if isinstance(p, str) else engine.detokenize(p) for p in req.prompts()] if req.echo else []
     per_prompt = max(req.n, req.best_of or 1)
     wants = req.logprobs if req.logprobs is not None else (0 if per_prompt > req.n else None)
-    params = dataclasses.replace(sampling_params(req, engine, cap, logprobs=wants), echo=req.echo and wants is not None)
+    params = dataclasses.replace(
+        sampling_params(req, engine, cap, logprobs=wants), echo=req.echo and wants is not None, end_logprob=True
+    )
     generations = start_all(pool, engine, prompts, params, per_prompt)
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echoes = [_Echo(texts[i // per_prompt] if req.echo else "") for i in range(len(generations))]
