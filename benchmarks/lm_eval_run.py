@@ -212,7 +212,8 @@ def markdown(report: dict[str, Any]) -> str:
     h = report["host"]
     lines = [
         f"lm_eval {report['lm_eval']} against `adaptserve serve` ({h['server_threads']} threads), commit "
-        f"{h['git_commit'][:12]}{' (dirty)' if h['git_dirty'] else ''}, CPU flags {', '.join(h['cpu_flags']) or 'none'}.",
+        f"{h['git_commit'][:12]}{' (dirty)' if h['git_dirty'] else ''}, CPU flags {', '.join(h['cpu_flags']) or 'none'}, "
+        f"{h['cores']} cores; {report['wall_s']:.0f} s in all.",
         "",
         "| task | client | model | docs | metrics | wall s |",
         "|---|---|---|---|---|---|",
