@@ -70,9 +70,9 @@ def test_finqa_tab_shows_program_and_answer(page) -> None:
 
     page.get_by_role("tab", name="FinQA").click()
     page.get_by_role("button", name="Answer").click()
-    expect(page.get_by_label("Raw model output")).not_to_have_value("", timeout=60_000)
+    expect(page.get_by_label("Raw model output")).not_to_have_value("", timeout=240_000)  # 4 programs, on 2 busy cores
     assert page.get_by_label("Program the model wrote").input_value()
     assert page.get_by_label("Executed answer").input_value()
-    assert "programs give this answer" in page.get_by_label("Confidence").input_value()  # 8 drawn by default
+    assert "programs give this answer" in page.get_by_label("Confidence").input_value()  # 4 drawn by default
     if os.environ.get("ADAPTSERVE_SCREENSHOT"):
         page.screenshot(path=str(REPO / "docs" / "ui-finqa.png"))

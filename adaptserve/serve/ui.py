@@ -98,7 +98,7 @@ def build_ui(pool: ModelPool) -> gr.Blocks:
             question = gr.Textbox(label="Question", value=EXAMPLE_QUESTION)
             table = gr.Textbox(label="Table (one row a line, cells separated by |)", value=EXAMPLE_TABLE, lines=6)
             context = gr.Textbox(label="Report text (optional)", lines=3)
-            samples = gr.Slider(1, 16, value=8, step=1, label="Programs to draw (the answer most of them give wins)")
+            samples = gr.Slider(1, 16, value=4, step=1, label="Programs to draw (the answer most of them give wins)")
             ask = gr.Button("Answer", variant="primary")
             program = gr.Textbox(label="Program the model wrote")
             answer = gr.Textbox(label="Executed answer")
