@@ -167,6 +167,7 @@ BAD_REQUESTS = [
     ("max_tokens over cap", CHAT, {"messages": HELLO, "max_tokens": 100_000}, 400, None),
     ("temperature out of range", CHAT, {"messages": HELLO, "temperature": 7}, 400, None),
     ("too many choices", CHAT, {"messages": HELLO, "n": 17}, 400, None),
+    ("token id outside the vocabulary", "/v1/completions", {"prompt": [3006920, 137]}, 400, None),
     ("best_of below n", "/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, None),
     ("top_logprobs without logprobs", CHAT, {"messages": HELLO, "top_logprobs": 2}, 400, None),
     ("too many stops", CHAT, {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, None),

@@ -196,6 +196,8 @@ def best(completions: list[Completion], per_prompt: int, n: int, echoed: Sequenc
 async def complete(pool: ModelPool, req: CompletionRequest, request: Request) -> StreamingResponse | CompletionResponse:
     engine, cap = pool.get(req.model), pool.config.max_tokens_cap
     prompts = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+    if any(not 0 <= t < engine.n_vocab for p in prompts for t in p):
+        raise invalid(f"prompt token ids must lie in [0, {engine.n_vocab}) for {engine.name}", param="prompt")
     texts = [p if isinstance(p, str) else engine.detokenize(p) for p in req.prompts()] if req.echo else []
     per_prompt = max(req.n, req.best_of or 1)
     wants = req.logprobs if req.logprobs is not None else (0 if per_prompt > req.n else None)
