@@ -101,9 +101,9 @@ def request_for(kind: str, rng: random.Random, max_tokens: int, record: finqa.Fi
             {"messages": messages, "max_tokens": -1},
             {"messages": messages, "temperature": "hot"},
             {"messages": [{"role": "wizard", "content": "hi"}]},
-            {"messages": messages, "n": 4},
+            {"messages": messages, "n": 17},
             {"messages": messages, "model": "../../etc/passwd"},
-            {"prompt": ["a", "b"]},
+            {"prompt": [{"text": "a"}]},
             {"messages": messages, "stop": ["x"] * 9},
         ]
     )
