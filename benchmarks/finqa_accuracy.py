@@ -1,9 +1,14 @@
-"""FinQA execution accuracy of served models (base few-shot vs adapted zero-shot), as the server prompts them.
+"""FinQA execution accuracy of served models, answered as POST /v1/finqa answers, in one or more modes side by side.
 
-    .venv/bin/python benchmarks/finqa_accuracy.py --finqa ../shared/data/finqa/test.json --out benchmarks/results/finqa
+    .venv/bin/python benchmarks/finqa_accuracy.py --finqa ../shared/data/finqa/test.json \
+        --models smollm2-135m-finqa --modes greedy grammar vote-5 vote-8 --out benchmarks/results/finqa-modes
 
-Writes `<out>/finqa_accuracy.json`, `<out>/finqa_accuracy.md` and one `<out>/predictions-<model>-<split>.jsonl` per
-model and FinQA file. Models are loaded exactly as `adaptserve serve` loads them (adapters merged to a cached GGUF).
+Modes: greedy (free decoding), grammar (FinQA's program grammar), vote-K (K programs, majority answer, vote share as
+confidence); see `adaptserve.bench.accuracy`. `--normalize on off` answers each file with and without rewriting
+report-style numbers first (see benchmarks/real_format.py for a copy of test.json written as reports print numbers).
+Writes `<out>/finqa_accuracy.json`, `.md`, `finqa_confidence.png` and one `<out>/predictions-<model>-<data>.jsonl` per
+model, file and normalization. Models are loaded exactly as `adaptserve serve` loads them (adapters merged to a
+cached GGUF).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import dataclasses
 import json
 import logging
 import platform
+import subprocess
 from pathlib import Path
 
 from adaptserve import finqa
-from adaptserve.bench.accuracy import evaluate_finqa
+from adaptserve.bench.accuracy import evaluate_finqa, mode_options
+from adaptserve.bench.report import accuracy_lines, confidence_plot
 from adaptserve.models import default_models, resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
@@ -24,22 +31,31 @@ from adaptserve.serve.metrics import Metrics
 from adaptserve.serve.pool import ModelPool
 
 log = logging.getLogger("benchmarks.finqa_accuracy")
+CTX = 4096  # wide enough for every FinQA prompt, the base model's 2-shot ones included
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--finqa", nargs="+", default=["sample@test"], help="FinQA files, or sample@SPLIT for the shipped sample")
     parser.add_argument("--models", nargs="+", default=default_models())
+    parser.add_argument("--modes", nargs="+", default=["greedy"], help="greedy, grammar, vote-K")
+    parser.add_argument(
+        "--normalize", nargs="+", choices=["on", "off"], default=["on"], help="rewrite report-style numbers first"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/finqa")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        slots = max(mode_options(m).samples for m in args.modes)
+    except ValueError as err:
+        parser.error(str(err))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = ServeConfig(models=args.models, n_threads=args.threads, ui=False, kv_cache=args.kv_cache)
+    config = ServeConfig(models=args.models, n_threads=args.threads, ui=False, kv_cache=args.kv_cache, n_slots=slots, n_ctx=CTX)
     config.validate()
     pool = ModelPool([resolve(m) for m in args.models], config, Metrics())
     pool.load()
@@ -50,42 +66,46 @@ def main() -> None:
             records = finqa.load_finqa(None if source.startswith("sample@") else source, split)[: args.limit]
             label = f"sample-{split}" if source.startswith("sample@") else split
             for name in pool.names:
-                style = pool.finqa_style(name)
-                report, predictions = evaluate_finqa(pool.engines[name], records, style)
-                path = out / f"predictions-{name}-{label}.jsonl"
-                path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in predictions))
-                results.append({"data": label, "style": dataclasses.asdict(style), **report.as_dict()})
-                log.info("%s on %s: %.1f%% (%d/%d)", name, label, 100 * report.execution_accuracy, report.correct, report.count)
+                for normalize in args.normalize:
+                    reports, predictions = evaluate_finqa(
+                        pool.engines[name], records, pool.finqa_style(name), args.modes, normalize == "on"
+                    )
+                    suffix = "" if normalize == "on" else "-raw"
+                    path = out / f"predictions-{name}-{label}{suffix}.jsonl"
+                    path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in predictions))
+                    for report in reports:
+                        results.append({"data": label, **report.as_dict()})
+                        log.info("%s %s on %s: %.1f%%", name, report.mode, label + suffix, 100 * report.execution_accuracy)
     finally:
         pool.close()
     results = _merge(out / "finqa_accuracy.json", results)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "kv_cache": args.kv_cache}
-    summary = {"machine": machine, "results": results}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu_flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "amx_tile"})
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "flags": cpu_flags,
+        "threads": args.threads,
+        "kv_cache": args.kv_cache,
+    }
+    summary = {"machine": machine, "commit": commit, "results": results}
     (out / "finqa_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "finqa_accuracy.md").write_text(markdown(results))
+    header = (
+        f"Commit {commit}; CPU flags {', '.join(cpu_flags)}; {args.threads} llama.cpp threads; K/V cache {args.kv_cache}.\n\n"
+    )
+    (out / "finqa_accuracy.md").write_text(header + "\n".join(accuracy_lines(results)) + "\n")
+    confidence_plot(results, out / "finqa_confidence.png")
 
 
 def _merge(path: Path, fresh: list[dict]) -> list[dict]:
-    """Earlier results for other (data, model) pairs kept, these replaced: re-running one model leaves the rest."""
+    """Earlier results for other (data, model, mode, normalization) kept, these replaced."""
     earlier = json.loads(path.read_text())["results"] if path.is_file() else []
-    keys = {(r["data"], r["model"]) for r in fresh}
-    kept = [r for r in earlier if (r["data"], r["model"]) not in keys]
-    return sorted(kept + fresh, key=lambda r: (r["data"], r["model"]))
+    keys = {_key(r) for r in fresh}
+    kept = [r for r in earlier if "mode" in r and _key(r) not in keys]  # rows from before modes existed are dropped
+    return sorted(kept + fresh, key=lambda r: (r["data"], r["model"], not r["normalize"], r["mode"]))
 
 
-def markdown(results: list[dict]) -> str:
-    lines = [
-        "| data | model | prompt | execution accuracy | 95% CI | program exact match | executable programs | mean prompt tokens |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        prompt = f"{r['style']['shots']}-shot, {r['style']['sentences']} sentences"
-        lines.append(
-            f"| {r['data']} ({r['count']}) | {r['model']} | {prompt} | {100 * r['execution_accuracy']:.1f}% "
-            f"({r['correct']}/{r['count']}) | {100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}% | "
-            f"{100 * r['program_exact_match']:.1f}% | {100 * r['executable_programs']:.1f}% | {r['mean_prompt_tokens']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+def _key(row: dict) -> tuple:
+    return row["data"], row["model"], row["mode"], row["normalize"]
 
 
 if __name__ == "__main__":

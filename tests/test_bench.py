@@ -17,6 +17,7 @@ import pytest
 
 from adaptserve import llama_thread
 from adaptserve.bench import BenchConfig, BenchError, bench
+from adaptserve.bench.accuracy import Prediction, confidence_buckets, coverage_curve, mode_options
 from adaptserve.bench.overlap import corpus_bleu, scores
 from adaptserve.bench.perplexity import chunks
 from adaptserve.bench.prompts import Answer, summarize
@@ -62,6 +63,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         threads=1,
         ppl=str(out / "text.txt"),
         ppl_ctx=64,
+        finqa_modes=["greedy", "grammar", "vote-3"],
         out=str(out),
     )
     return bench(config), out
@@ -70,12 +72,16 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_bench_writes_results_report_plots_and_examples(results: tuple[dict, Path]) -> None:
     data, out = results
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(data))
-    for name in ("report.md", "accuracy.png", "latency.png"):
+    for name in ("report.md", "accuracy.png", "latency.png", "finqa_confidence.png"):
         assert (out / name).stat().st_size > 1000
     for model in MODELS:
         predictions = [json.loads(line) for line in (out / f"finqa-{model}.jsonl").read_text().splitlines()]
         answers = [json.loads(line) for line in (out / f"prompts-{model}.jsonl").read_text().splitlines()]
-        assert len(predictions) == 2 and len(answers) == len(PROMPTS)
+        assert [p["mode"] for p in predictions] == ["greedy", "grammar", "vote-3"] * 2 and len(answers) == len(PROMPTS)
+        for p in predictions:
+            voted = p["mode"] == "vote-3"
+            assert (len(p["candidates"]), p["confidence"] is not None) == ((3, True) if voted else (0, False))
+            assert p["prefill_seconds"] > 0 and p["seconds"] > 0
     assert data["machine"]["cores"] and data["machine"]["versions"]["llama-cpp-python"]
     report = (out / "report.md").read_text()
     assert "smollm2-135m-finqa" in report and "## Perplexity" in report and "ROUGE-L" in report
@@ -83,10 +89,17 @@ def test_bench_writes_results_report_plots_and_examples(results: tuple[dict, Pat
 
 def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:
     data, _ = results
-    assert [(a["model"], a["count"]) for a in data["accuracy"]] == [("smollm2-135m", 2), ("smollm2-135m-finqa", 2)]
+    assert [(a["model"], a["mode"], a["count"]) for a in data["accuracy"]] == [
+        (m, mode, 2) for m in MODELS for mode in ("greedy", "grammar", "vote-3")
+    ]
     for a in data["accuracy"]:
         low, high = a["ci95"]
         assert 0 <= low <= a["execution_accuracy"] <= high <= 1
+        assert a["latency_p50"] > a["decode_p50"] > 0 and a["mean_completion_tokens"] > 0
+        assert sum(b["count"] for b in a["buckets"]) == (2 if a["mode"] == "vote-3" else 0)
+    adapted = {a["mode"]: a for a in data["accuracy"] if a["model"] == "smollm2-135m-finqa"}
+    assert adapted["grammar"]["executable_programs"] == 1.0  # the grammar admits programs only
+    assert adapted["vote-3"]["mean_completion_tokens"] > adapted["grammar"]["mean_completion_tokens"]
     assert [(row["model"], row["concurrency"]) for row in data["load"]] == [
         (m, c) for m in ("smollm2-135m", "smollm2-135m-finqa") for c in (1, 2)
     ]
@@ -129,10 +142,13 @@ def test_transformers_backend_runs_as_a_variant_of_its_own(tmp_path: Path) -> No
         requests=2,
         max_tokens=4,
         threads=1,
+        finqa_modes=["greedy", "grammar"],
         out=str(tmp_path),
     )
     data = bench(config)
-    assert [(a["model"], a["backend"], a["count"]) for a in data["accuracy"]] == [(m, "transformers-fp32", 1) for m in MODELS]
+    # grammar is skipped: the transformers engine cannot enforce one
+    assert [(a["model"], a["mode"], a["count"]) for a in data["accuracy"]] == [(m, "greedy", 1) for m in MODELS]
+    assert {a["backend"] for a in data["accuracy"]} == {"transformers-fp32"}
     assert [(r["model"], r["backend"], r["errors"]) for r in data["load"]] == [(m, "transformers-fp32", 0) for m in MODELS]
     assert all(r["output_tokens"] == r["usage_tokens"] > 0 for r in data["load"])
     assert [s["backend"] for s in data["servers"]] == ["transformers-fp32"] and data["servers"][0]["peak_rss_bytes"]
@@ -148,6 +164,8 @@ def test_bad_config_and_inputs_fail_clearly(tmp_path: Path) -> None:
         bench(BenchConfig(backends=["vllm"], out=str(tmp_path)))
     with pytest.raises(BenchError, match=r"kv_cache must be one of \['f16', 'q8_0'\], got 'q4'"):
         bench(BenchConfig(kv_cache="q4", out=str(tmp_path)))
+    with pytest.raises(BenchError, match="unknown FinQA mode 'vote-40'"):
+        bench(BenchConfig(finqa_modes=["greedy", "vote-40"], out=str(tmp_path)))
     (tmp_path / "bad.jsonl").write_text('{"text": "no id"}\n')
     with pytest.raises(BenchError, match="expected JSON lines with id and prompt"):
         bench(BenchConfig(prompts=str(tmp_path / "bad.jsonl"), out=str(tmp_path)))
@@ -280,3 +298,27 @@ def test_a_server_that_stops_answering_is_reported_not_fatal(tmp_path: Path) -> 
     data = bench(config)
     assert [f["backend"] for f in data["failed"]] == ["url"] and "ConnectError" in data["failed"][0]["reason"]
     assert data["load"] == [] and "stopped answering" in (tmp_path / "report.md").read_text()
+
+
+def _voted(confidence: float | None, correct: bool) -> Prediction:
+    return Prediction("q", "vote-4", "", "", 0.0, "", None, None, "none", correct, False, confidence, [], 10, 4, 1.0, 0.5)
+
+
+def test_vote_share_buckets_and_coverage_curve() -> None:
+    rows = [_voted(1.0, True), _voted(0.75, True), _voted(0.75, False), _voted(0.5, False), _voted(0.25, False)]
+    buckets = confidence_buckets([*rows, _voted(None, True)])  # a greedy answer has no vote share: left out
+    assert [(b["count"], b["correct"]) for b in buckets] == [(1, 0), (3, 1), (1, 1)]
+    curve = coverage_curve(rows)
+    assert [(c["threshold"], c["answered"], c["accuracy"]) for c in curve] == [
+        (1.0, 1, 1.0), (0.75, 3, 2 / 3), (0.5, 4, 0.5), (0.25, 5, 0.4)
+    ]  # fmt: skip
+    assert curve[-1]["coverage"] == 1.0 and confidence_buckets([_voted(None, True)]) == []
+
+
+def test_finqa_modes_name_the_options_of_v1_finqa() -> None:
+    assert mode_options("greedy").grammar is False and mode_options("grammar").grammar is True
+    vote = mode_options("vote-8", normalize=False)
+    assert (vote.samples, vote.grammar, vote.seed, vote.normalize) == (8, None, 0, False)
+    for bad in ("vote-1", "vote-17", "beam", "vote-x"):
+        with pytest.raises(ValueError, match="unknown FinQA mode"):
+            mode_options(bad)

@@ -81,12 +81,19 @@ def test_kv_cache(tmp_path: Path) -> None:
 
 
 def test_finqa_accuracy(tmp_path: Path) -> None:
-    run("finqa_accuracy.py", "--finqa", "sample@test", "--models", "smollm2-135m", "--limit", "1", "--threads", "1",
-        "--out", tmp_path)  # fmt: skip
-    (result,) = results(tmp_path / "finqa_accuracy.json")["results"]
-    assert result["count"] == 1 and result["model"] == "smollm2-135m"
-    assert (tmp_path / "predictions-smollm2-135m-sample-test.jsonl").read_text().count("\n") == 1
-    assert (tmp_path / "finqa_accuracy.md").is_file()
+    """The real-format copy of the shipped sample, answered greedily and by a vote, with and without normalization."""
+    copy = tmp_path / "test-real-format.json"
+    run("real_format.py", SAMPLE_TEST, copy)
+    assert "," in json.dumps([r["table"] for r in json.loads(copy.read_text())])  # thousands separators were written
+    run("finqa_accuracy.py", "--finqa", copy, "--models", "smollm2-135m-finqa", "--modes", "greedy", "vote-2",
+        "--normalize", "on", "off", "--limit", "1", "--threads", "1", "--out", tmp_path)  # fmt: skip
+    rows = results(tmp_path / "finqa_accuracy.json")["results"]
+    assert [(r["mode"], r["normalize"], r["count"]) for r in rows] == [
+        ("greedy", True, 1), ("vote-2", True, 1), ("greedy", False, 1), ("vote-2", False, 1)
+    ]  # fmt: skip
+    for suffix in ("", "-raw"):
+        assert (tmp_path / f"predictions-smollm2-135m-finqa-test-real-format{suffix}.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "finqa_accuracy.md").is_file() and (tmp_path / "finqa_confidence.png").is_file()
 
 
 def test_footprint(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adaptserve.bench.accuracy import mode_options
 from adaptserve.models import default_models
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
@@ -64,6 +65,16 @@ class BenchConfig:
         default=None, metadata={"help": "score only the first N chunks, as llama-perplexity's --chunks (default: all)"}
     )
     accuracy: bool = field(default=True, metadata={"help": "measure FinQA accuracy (in process, as the server prompts)"})
+    finqa_modes: list[str] = field(
+        default_factory=lambda: ["greedy", "grammar", "vote-5", "vote-8"],
+        metadata={
+            "help": "how FinQA questions are answered, side by side: greedy (free decoding), grammar (held to FinQA's "
+            "program grammar), vote-K (K programs, majority answer, vote share as confidence)"
+        },
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "rewrite report-style numbers into FinQA's form first, as /v1/finqa does"}
+    )
     out: str = field(default="runs/bench", metadata={"help": "where results.json, report.md and the plots go"})
 
     def validate(self) -> None:
@@ -82,6 +93,13 @@ class BenchConfig:
             errors.append("pp and tg must be positive and repeats at least 2 (for a spread)")
         if self.limit is not None and self.limit < 1:
             errors.append(f"limit must be positive, got {self.limit}")
+        for mode in self.finqa_modes:
+            try:
+                mode_options(mode)
+            except ValueError as err:
+                errors.append(str(err))
+        if not self.finqa_modes:
+            errors.append("finqa_modes must name at least one mode")
         if self.ppl_ctx < 3:  # a chunk scores ppl_ctx - ppl_ctx // 2 - 1 tokens: none below 3
             errors.append(f"ppl_ctx must be at least 3, got {self.ppl_ctx}")
         if self.ppl_chunks is not None and self.ppl_chunks < 1:

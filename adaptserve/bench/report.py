@@ -22,19 +22,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"commit {str(machine['git_commit'])[:10]}; llama.cpp K/V cache {results['config'].get('kv_cache', 'f16')}.",
     ]
     if results["accuracy"]:
-        lines += [
-            "",
-            "## FinQA execution accuracy",
-            "",
-            "| model | data | n | accuracy (95% CI) | program exact | executable | prompt tokens |",
-        ]
-        lines += ["|---|---|---|---|---|---|---|"]
-        for a in results["accuracy"]:
-            low, high = a["ci95"]
-            lines.append(
-                f"| {variant(a['model'], a['backend'])} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
-                f"| {100 * a['program_exact_match']:.1f}% | {100 * a['executable_programs']:.0f}% | {a['mean_prompt_tokens']:.0f} |"
-            )
+        lines += ["", "## FinQA execution accuracy", "", *accuracy_lines(results["accuracy"])]
     if results["perplexity"]:
         lines += _perplexity(results["perplexity"], results["config"]["ppl"])
     lines += [
@@ -104,6 +92,85 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A FinQA accuracy row's name: the variant, its mode, and whether its input was normalized."""
+    name = variant(row["model"], row.get("backend", "llama.cpp"))
+    return f"{name} {row['mode']}{'' if row['normalize'] else ' (raw input)'}"
+
+
+def accuracy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The FinQA accuracy table with each mode's cost per question, then the vote modes' confidence tables."""
+    lines = [
+        "Latency per question: the prompt's prefill, timed once, plus the mode's decoding with the prompt cached.",
+        "",
+        "| model | mode | data | n | accuracy (95% CI) | program exact | executable | prompt tokens | output tokens / q "
+        "| latency p50 / mean (s) | of which decoding p50 (s) | decoding tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in rows:
+        low, high = a["ci95"]
+        name = variant(a["model"], a.get("backend", "llama.cpp"))
+        mode = a["mode"] + ("" if a["normalize"] else ", not normalized")
+        lines.append(
+            f"| {name} | {mode} | {a['data']} | {a['count']} | {100 * a['execution_accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
+            f"| {100 * a['program_exact_match']:.1f}% | {100 * a['executable_programs']:.0f}% | {a['mean_prompt_tokens']:.0f} "
+            f"| {a['mean_completion_tokens']:.1f} | {a['latency_p50']:.2f} / {a['latency_mean']:.2f} | {a['decode_p50']:.2f} "
+            f"| {a['output_tokens_per_second']:.1f} |"
+        )
+    for a in (a for a in rows if a["buckets"]):
+        lines += ["", f"Vote share as a confidence, {_label(a)} on {a['data']}:", ""]
+        lines += ["| vote share | questions | right |", "|---|---|---|"]
+        for b in a["buckets"]:
+            closing = "]" if b["high"] == 1.0 else ")"
+            right = "n/a" if b["accuracy"] is None else f"{100 * b['accuracy']:.1f}%"
+            lines.append(f"| [{b['low']:.1f}, {b['high']:.1f}{closing} | {b['count']} | {right} |")
+        if at := next((c for c in reversed(a["coverage"]) if c["threshold"] >= 0.5), None):
+            lines += [
+                "",
+                f"Answering only at vote share >= {at['threshold']:.2f}: {100 * at['accuracy']:.1f}% right on "
+                f"{100 * at['coverage']:.1f}% of the questions.",
+            ]
+    return lines
+
+
+def confidence_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy by vote-share bucket, and the accuracy-coverage curve against the same model's greedy accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    voted = [a for a in rows if a["buckets"]]
+    if not voted:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(voted)
+    for i, a in enumerate(voted):
+        xs = [j + i * width for j in range(len(a["buckets"]))]
+        bars = left.bar(xs, [100 * (b["accuracy"] or 0) for b in a["buckets"]], width, label=_label(a))
+        left.bar_label(bars, labels=[f"n={b['count']}" for b in a["buckets"]], fontsize=6)
+        right.plot(
+            [100 * c["coverage"] for c in a["coverage"]],
+            [100 * c["accuracy"] for c in a["coverage"]],
+            marker=".",
+            label=_label(a),
+        )
+    left.set_xticks([j + 0.4 - width / 2 for j in range(len(voted[0]["buckets"]))])
+    left.set_xticklabels([f"{b['low']:.1f}-{b['high']:.1f}" for b in voted[0]["buckets"]])
+    left.set(xlabel="vote share of the chosen answer", ylabel="right (%)", title="accuracy by confidence")
+    for a in rows:
+        if a["mode"] == "greedy" and any(v["model"] == a["model"] and v["data"] == a["data"] for v in voted):
+            right.axhline(100 * a["execution_accuracy"], linestyle="--", linewidth=1, color="grey")
+            right.annotate(f"{_label(a)}", (100, 100 * a["execution_accuracy"]), fontsize=6, ha="right", va="bottom")
+    right.set(xlabel="questions answered (%)", ylabel="right among answered (%)", title="accuracy vs coverage")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _perplexity(rows: list[dict[str, Any]], source: str) -> list[str]:
     lines = [
         "",
@@ -135,18 +202,20 @@ def plots(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     if results["accuracy"]:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results["accuracy"])), 3.8))
         rows = results["accuracy"]
         values = [100 * a["execution_accuracy"] for a in rows]
         errors = [
             [100 * (a["execution_accuracy"] - a["ci95"][0]) for a in rows],
             [100 * (a["ci95"][1] - a["execution_accuracy"]) for a in rows],
         ]
-        ax.bar([variant(a["model"], a["backend"]) for a in rows], values, yerr=errors, capsize=6, color="tab:blue")
+        ax.bar([_label(a) for a in rows], values, yerr=errors, capsize=6, color="tab:blue")
         ax.set(ylabel="execution accuracy (%)", title="FinQA execution accuracy (95% CI)")
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
+        confidence_plot(rows, out / "finqa_confidence.png")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for model in dict.fromkeys(variant(row["model"], row["backend"]) for row in results["load"]):

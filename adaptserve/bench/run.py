@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from adaptserve import finqa
 from adaptserve.bench import report
-from adaptserve.bench.accuracy import evaluate_finqa
+from adaptserve.bench.accuracy import evaluate_finqa, mode_options, runnable_modes
 from adaptserve.bench.config import GPU_BACKENDS, LLAMA_CPP, PRECISION, BenchConfig, BenchError, variant
 from adaptserve.bench.load import Message, ServerGone, run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
@@ -141,10 +141,11 @@ def _finqa_records(config: BenchConfig) -> list[finqa.FinQARecord]:
 
 
 def _accuracy(config: BenchConfig, records: list[finqa.FinQARecord], out: Path, backend: str) -> list[dict[str, Any]]:
-    # One question at a time, in a window wide enough for every FinQA prompt (2-shot base prompts reach ~2100
-    # tokens): accuracy must not depend on the server's slot sizing, which leaves outputs unchanged anyway.
+    # One question at a time (a vote's programs decode together, a slot each), in a window wide enough for every
+    # FinQA prompt (2-shot base prompts reach ~2100 tokens): outputs do not depend on the slot sizing.
+    slots = max(mode_options(m).samples for m in config.finqa_modes)
     serving = ServeConfig(
-        models=config.models, n_threads=config.threads, ui=False, n_slots=1, n_ctx=ACCURACY_CTX, kv_cache=config.kv_cache
+        models=config.models, n_threads=config.threads, ui=False, n_slots=slots, n_ctx=ACCURACY_CTX, kv_cache=config.kv_cache
     )
     if backend != LLAMA_CPP:
         serving = dataclasses.replace(serving, backend="transformers", precision=PRECISION[backend])
@@ -154,9 +155,14 @@ def _accuracy(config: BenchConfig, records: list[finqa.FinQARecord], out: Path, 
     try:
         for name in pool.names:
             style = pool.finqa_style(name)
-            accuracy, predictions = evaluate_finqa(pool.engines[name], records, style)
+            engine = pool.engines[name]
+            modes = runnable_modes(engine, config.finqa_modes)
+            if skipped := sorted(set(config.finqa_modes) - set(modes)):
+                log.warning("%s on %s: skipping FinQA modes %s (the engine cannot enforce a grammar)", name, backend, skipped)
+            reports, predictions = evaluate_finqa(engine, records, style, modes, config.normalize)
             _write_jsonl(out / f"finqa-{variant(name, backend)}.jsonl", predictions)
-            rows.append({"data": config.finqa, "backend": backend, "style": dataclasses.asdict(style), **accuracy.as_dict()})
+            style_row = dataclasses.asdict(style)
+            rows += [{"data": config.finqa, "backend": backend, "style": style_row, **r.as_dict()} for r in reports]
     finally:
         pool.close()
     return rows
