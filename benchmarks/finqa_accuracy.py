@@ -7,7 +7,7 @@ Modes: greedy (free decoding), grammar (FinQA's program grammar), vote-K (K prog
 confidence); see `adaptserve.bench.accuracy`. `--normalize on off` answers each file with and without rewriting
 report-style numbers first (see benchmarks/real_format.py for a copy of test.json written as reports print numbers).
 Writes `<out>/finqa_accuracy.json`, `.md`, `finqa_confidence.png` and one `<out>/predictions-<model>-<data>.jsonl` per
-model, file and normalization. Models are loaded exactly as `adaptserve serve` loads them (adapters merged to a
+model, file and normalization, a question at a time (`--resume` carries on from them). Models are loaded exactly as `adaptserve serve` loads them (adapters merged to a
 cached GGUF).
 """
 
@@ -19,10 +19,12 @@ import json
 import logging
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from adaptserve import finqa
-from adaptserve.bench.accuracy import evaluate_finqa, mode_options
+from adaptserve.bench.accuracy import Prediction, evaluate_finqa, mode_options
 from adaptserve.bench.report import accuracy_lines, confidence_plot
 from adaptserve.models import default_models, resolve
 from adaptserve.serve.config import ServeConfig
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="serve --kv-cache: how the slots store K/V (f16 or q8_0)")
     parser.add_argument("--out", default="benchmarks/results/finqa")
+    parser.add_argument("--resume", action="store_true", help="keep the predictions files' answers; ask only the rest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -67,12 +70,14 @@ def main() -> None:
             label = f"sample-{split}" if source.startswith("sample@") else split
             for name in pool.names:
                 for normalize in args.normalize:
-                    reports, predictions = evaluate_finqa(
-                        pool.engines[name], records, pool.finqa_style(name), args.modes, normalize == "on"
-                    )
                     suffix = "" if normalize == "on" else "-raw"
                     path = out / f"predictions-{name}-{label}{suffix}.jsonl"
-                    path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in predictions))
+                    earlier = _read(path) if args.resume else []
+                    with path.open("a" if args.resume else "w", encoding="utf-8") as sink:
+                        style, engine = pool.finqa_style(name), pool.engines[name]
+                        reports, _ = evaluate_finqa(
+                            engine, records, style, args.modes, normalize == "on", 96, earlier, _writer(sink)
+                        )
                     for report in reports:
                         results.append({"data": label, **report.as_dict()})
                         log.info("%s %s on %s: %.1f%%", name, report.mode, label + suffix, 100 * report.execution_accuracy)
@@ -94,6 +99,21 @@ def main() -> None:
     )
     (out / "finqa_accuracy.md").write_text(header + "\n".join(accuracy_lines(results)) + "\n")
     confidence_plot(results, out / "finqa_confidence.png")
+
+
+def _writer(sink: TextIO) -> Callable[[list[Prediction]], None]:
+    """Each question's predictions appended to the file as they come, so a stopped run can `--resume`."""
+
+    def write(answers: list[Prediction]) -> None:
+        sink.writelines(json.dumps(dataclasses.asdict(p)) + "\n" for p in answers)
+        sink.flush()
+
+    return write
+
+
+def _read(path: Path) -> list[Prediction]:
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [Prediction(**json.loads(line)) for line in lines]
 
 
 def _merge(path: Path, fresh: list[dict]) -> list[dict]:

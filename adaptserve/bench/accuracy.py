@@ -19,7 +19,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from tqdm import tqdm
@@ -167,20 +167,27 @@ def evaluate_finqa(
     modes: Sequence[str] = ("greedy",),
     normalize: bool = True,
     max_tokens: int = 96,
+    earlier: Sequence[Prediction] = (),
+    on_question: Callable[[list[Prediction]], None] | None = None,
 ) -> tuple[list[AccuracyReport], list[Prediction]]:
-    """Every record answered in every mode, one question at a time (a vote's programs decode together)."""
+    """Every record answered in every mode, one question at a time (a vote's programs decode together). Questions
+    `earlier` holds in every mode are not asked again (a long run resumes); `on_question` gets each new question's
+    predictions as they come."""
     options = {m: replace(mode_options(m, normalize), max_tokens=max_tokens) for m in modes}
     first_token = FinQAOptions(normalize=normalize, grammar=False, max_tokens=1)
+    kept = {(p.id, p.mode): p for p in earlier if p.mode in options}
+    todo = [r for r in records if any((r.id, m) not in kept for m in modes)]
 
-    async def run() -> list[Prediction]:
-        done = []
-        for record in tqdm(records, desc=f"finqa {engine.name} {'/'.join(modes)}", unit="q"):
+    async def run() -> None:
+        for record in tqdm(todo, desc=f"finqa {engine.name} {'/'.join(modes)}", unit="q"):
             _, prefill = await timed_solve(engine, record, style, first_token)
-            for mode in modes:
-                done.append(await predict(engine, record, style, mode, options[mode], prefill))
-        return done
+            answers = [await predict(engine, record, style, mode, options[mode], prefill) for mode in modes]
+            kept.update(((p.id, p.mode), p) for p in answers)
+            if on_question is not None:
+                on_question(answers)
 
-    predictions = asyncio.run(run())
+    asyncio.run(run())
+    predictions = [kept[r.id, m] for r in records for m in modes]
     reports = [summarize(engine.name, m, normalize, [p for p in predictions if p.mode == m]) for m in modes]
     return reports, predictions
 
