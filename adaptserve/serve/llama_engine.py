@@ -43,7 +43,7 @@ from adaptserve.serve.engine import (
     logprobs_of,
 )
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, Feed, KVSlots, Slot, common_prefix
-from adaptserve.serve.llama_sampling import Sampler, check_grammar
+from adaptserve.serve.llama_sampling import Sampler, grammar_reason
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class LlamaCppEngine(Engine):
         self.n_ctx = self.slots.n_ctx
         self.n_vocab = self.slots.n_vocab
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
+        # A request's grammar is checked by the HTTP layer and again at each submit (n choices): parse it once.
+        self._grammar_reason = functools.lru_cache(maxsize=64)(functools.partial(grammar_reason, self.llm._model.vocab))
         self._template = self._chat_template()
         self._jobs = JobQueue(self.name, queue_size)
         self._held: list[tuple[Job, float]] = []  # taken off the queue, waiting for a slot or a shared prefix
@@ -191,11 +193,7 @@ class LlamaCppEngine(Engine):
         return self.slots.cached_prompt_tokens
 
     def grammar_error(self, grammar: str) -> str | None:
-        try:
-            check_grammar(self.llm._model.vocab, grammar)
-        except InvalidGrammar as err:
-            return str(err)
-        return None
+        return self._grammar_reason(grammar)
 
     def tokenizer_info(self) -> dict[str, Any]:
         model = self.llm._model

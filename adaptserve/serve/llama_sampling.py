@@ -43,8 +43,13 @@ def grammar_sampler(vocab: llama_cpp.llama_vocab_p, grammar: str) -> llama_cpp.l
     raise InvalidGrammar(f"the grammar does not parse: {reason or (lines[0] if lines else 'no reason given')}")
 
 
-def check_grammar(vocab: llama_cpp.llama_vocab_p, grammar: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+def grammar_reason(vocab: llama_cpp.llama_vocab_p, grammar: str) -> str | None:
+    """Why llama.cpp cannot parse `grammar`, or None when it can."""
+    try:
+        llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+    except InvalidGrammar as err:
+        return str(err)
+    return None
 
 
 def _chain(params: SamplingParams, n_vocab: int, limit: int) -> llama_cpp.llama_sampler_p | None:
