@@ -81,7 +81,7 @@ def dev_accuracy(adapter: Path | None, records: Sequence[finqa.FinQARecord], thr
         base.load_adapter(name, adapter)
     style = finqa.adapter_style(adapter) if adapter is not None else finqa.BASE_STYLE
     try:
-        report, predictions = evaluate_finqa(HFEngine(base, served, name), records, style)
+        (report,), predictions = evaluate_finqa(HFEngine(base, served, name), records, style, time_prefill=False)
     finally:
         base.close()
     return {

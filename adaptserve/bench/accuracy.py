@@ -169,10 +169,11 @@ def evaluate_finqa(
     max_tokens: int = 96,
     earlier: Sequence[Prediction] = (),
     on_question: Callable[[list[Prediction]], None] | None = None,
+    time_prefill: bool = True,
 ) -> tuple[list[AccuracyReport], list[Prediction]]:
     """Every record answered in every mode, one question at a time (a vote's programs decode together). Questions
     `earlier` holds in every mode are not asked again (a long run resumes); `on_question` gets each new question's
-    predictions as they come."""
+    predictions as they come. Without `time_prefill` (accuracy only) the prompt is not decoded ahead of the modes."""
     options = {m: replace(mode_options(m, normalize), max_tokens=max_tokens) for m in modes}
     first_token = FinQAOptions(normalize=normalize, grammar=False, max_tokens=1)
     kept = {(p.id, p.mode): p for p in earlier if p.mode in options}
@@ -180,7 +181,7 @@ def evaluate_finqa(
 
     async def run() -> None:
         for record in tqdm(todo, desc=f"finqa {engine.name} {'/'.join(modes)}", unit="q"):
-            _, prefill = await timed_solve(engine, record, style, first_token)
+            prefill = (await timed_solve(engine, record, style, first_token))[1] if time_prefill else 0.0
             answers = [await predict(engine, record, style, mode, options[mode], prefill) for mode in modes]
             kept.update(((p.id, p.mode), p) for p in answers)
             if on_question is not None:
