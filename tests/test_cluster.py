@@ -14,7 +14,7 @@ import pytest
 
 from adaptserve import finqa
 from adaptserve.serve.config import ServeConfig
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'adaptserve[ray]'")
 serve = pytest.importorskip("ray.serve")
@@ -117,3 +117,18 @@ def test_bad_ray_settings_exit_2_before_anything_starts() -> None:
     from adaptserve.cli import main
 
     assert main(["serve", "--ray", "--replicas", "0", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
+@pytest.mark.parametrize("path", ["deploy/serve.yaml", "deploy/rayservice.yaml"])
+def test_deploy_configs_build(path: str) -> None:
+    """The Serve config file and the RayService's copy of it are valid Serve configs whose args build the app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from adaptserve.serve.ray_app import app_builder
+
+    doc = yaml.safe_load((REPO / path).read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]) if "spec" in doc else doc)
+    (app,) = config.applications
+    assert app.import_path == "adaptserve.serve.ray_app:app_builder"
+    assert app_builder(app.args) is not None
