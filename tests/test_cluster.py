@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,7 +16,7 @@ import pytest
 
 from adaptserve import finqa
 from adaptserve.serve.config import ServeConfig
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, Server, free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'adaptserve[ray]'")
 serve = pytest.importorskip("ray.serve")
@@ -27,7 +29,7 @@ REPLICA = REPLICA_HEADER.decode()
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(models=[BASE, *ADAPTERS], n_threads=1, replicas=2, max_tokens_cap=256, shutdown_timeout=2)
@@ -132,3 +134,27 @@ def test_deploy_configs_build(path: str) -> None:
     (app,) = config.applications
     assert app.import_path == "adaptserve.serve.ray_app:app_builder"
     assert app_builder(app.args) is not None
+
+
+def test_sigterm_of_serve_ray_drains_then_exits_zero(tmp_path: Path) -> None:
+    """`adaptserve serve --ray` on a cluster of its own: a stream running at SIGTERM ends cleanly (its finish, or an
+    error event, then [DONE]) and the command exits 0, as the single server does."""
+    deadline = 2.0
+    args = ["--ray", "--models", BASE, "--no-ui", "--replicas", "1", "--n-threads", "1", "--shutdown-timeout", str(deadline)]
+    srv = Server(args, tmp_path)
+    try:
+        body = {"prompt": "1, 2, 3, 4,", "max_tokens": 1500, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            head = [next(lines) for _ in range(6)]
+            srv.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            events = [ln.removeprefix("data: ") for ln in [*head, *lines] if ln.startswith("data: ")]
+        code = srv.proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        srv.stop()
+    assert code == 0 and took < deadline + 45, (code, took)
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert "error" in last or last["choices"][0]["finish_reason"] == "length", last

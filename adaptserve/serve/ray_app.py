@@ -219,7 +219,7 @@ class Ingress:
         if body[:1] == b"{":
             try:
                 name = json.loads(body).get("model")
-            except ValueError:
+            except (ValueError, AttributeError):  # the replica answers what is wrong with it
                 pass
         for key, _, value in (p.partition(b"=") for p in scope.get("query_string", b"").split(b"&")):
             if key == b"model":
@@ -314,7 +314,7 @@ def run(config: ServeConfig) -> None:
     """`adaptserve serve --ray`: deploy on the cluster (a new local one for "local") and serve until SIGINT/SIGTERM,
     then stop the replicas, whose in-flight requests get --shutdown-timeout to finish."""
     app = build(config)
-    ray.init(address=None if config.ray == "local" else config.ray, include_dashboard=False if config.ray == "local" else None)
+    ray.init(address=config.ray, include_dashboard=False if config.ray == "local" else None)  # "local": always a new one
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(app, name=APP, route_prefix="/")
     log.info("serving %s on http://%s:%d through Ray Serve", config.models, config.host, config.port)
