@@ -1,6 +1,6 @@
 """The single server against the same app on Ray Serve: what Ray's proxy and the ingress hop cost, and what a second
 replica buys. Side by side in one run: `adaptserve serve` and `--ray --replicas 1` running together, then the
-single server, one with twice the threads and `--ray --replicas 2`, every replica at the same llama.cpp threads,
+single server and `--ray --replicas 2`, every replica at the same llama.cpp threads,
 measured by the same streamed chat load at each concurrency, the servers taking turns. Then a fault:
 two replicas under a mixed load (base and two adapters, chat and completions, streamed and not), one SIGKILLed.
 
@@ -224,9 +224,8 @@ def main() -> None:
     run = (args.levels, args.per_client, args.max_tokens, args.rounds)
     single = start_server([MODEL], args.threads, args.out / "single.log")
     rows = compare({"single": single, "ray x1": ray_server(1, args.threads, args.out / "ray-1.log")}, *run)
-    # two replicas against one server with the same cores, and the single server again as the ratios' reference
+    # two replicas, and the single server again as the ratios' reference
     servers = {"single": start_server([MODEL], args.threads, args.out / "single.log")}
-    servers["single, 2x threads"] = start_server([MODEL], 2 * args.threads, args.out / "single-2x.log")
     servers["ray x2"] = ray_server(2, args.threads, args.out / "ray-2.log")
     second = compare(servers, *run)
     rows += [r for r in second if r["server"] != "single"]

@@ -32,7 +32,10 @@ def url() -> Iterator[str]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(models=[BASE, *ADAPTERS], n_threads=1, replicas=2, max_tokens_cap=256, shutdown_timeout=2)
+    # one adapter per replica: two adapters make replicas evict under the mixed load of the fault test
+    config = ServeConfig(
+        models=[BASE, *ADAPTERS], n_threads=1, replicas=2, max_models_per_replica=1, max_tokens_cap=256, shutdown_timeout=2
+    )
     serve.run(build(config), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -68,6 +71,11 @@ def test_adapters_stick_to_the_replica_that_loaded_them(url: str) -> None:
             assert len(replicas) == 1, (adapter, replicas)
             held = f'adaptserve_replica_models{{model="{adapter}",replica="{replicas.pop()}"}} 1.0'
             assert any(held in client.get("/metrics").text for _ in range(10))  # /metrics comes from either replica
+        for _ in range(10):  # each replica holds the base and at most one adapter
+            r = client.get("/metrics")
+            own = f'replica="{r.headers[REPLICA]}"}} 1.0'
+            lines = [ln for ln in r.text.splitlines() if ln.startswith("adaptserve_replica_models{") and ln.endswith(own)]
+            assert f'model="{BASE}"' in " ".join(lines) and len(lines) <= 2, lines
 
 
 async def _request(client: httpx.AsyncClient, i: int) -> tuple[int, str, dict]:

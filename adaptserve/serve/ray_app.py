@@ -20,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,6 +94,7 @@ class ModelReplica:
         for name in self.pool.engines:
             self.held.labels(self.id, name).set(1)
         self.model = self._multiplexed(config.max_models_per_replica)
+        self.busy: Tally[str] = Tally()  # requests in flight per loaded model: eviction waits for them
         log.info("replica %s serving %s", self.id, list(self.pool.engines))
 
     def _multiplexed(self, most: int) -> Callable[[str], Awaitable[_Held]]:
@@ -105,15 +107,21 @@ class ModelReplica:
         return load
 
     def unload(self, name: str) -> None:
-        if self.pool.backend == "llama.cpp":
-            self.pool.unload(name, self.config.shutdown_timeout)
-            self.held.remove(self.id, name)
+        """Evict `name` once its requests are done, or after --shutdown-timeout (they then fail cleanly)."""
+        if self.pool.backend != "llama.cpp":
+            return
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while self.busy[name] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.pool.unload(name, max(deadline - time.monotonic(), 0.0))
+        self.held.remove(self.id, name)
 
     async def handle(self, request: dict[str, Any]) -> AsyncIterator[list[Message]]:
         """Run one HTTP request through the app; yield its ASGI messages in batches of what is ready."""
         model = serve.get_multiplexed_model_id()
         if model:
             await self.model(model)
+        self.busy[model] += 1  # in the same event-loop step as the load returned: no eviction in between
         self.answered.labels(self.id, model or self.pool.names[0]).inc()
         messages: asyncio.Queue[Message | None] = asyncio.Queue()
         gone = asyncio.Event()
@@ -132,6 +140,7 @@ class ModelReplica:
             gone.set()
             await asyncio.wait({task}, timeout=1.0)
             task.cancel()
+            self.busy[model] -= 1
 
     async def _run(self, request: dict[str, Any], messages: asyncio.Queue[Message | None], gone: asyncio.Event) -> None:
         body, start = [request["body"]], None
