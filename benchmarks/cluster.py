@@ -176,7 +176,8 @@ def host() -> dict[str, Any]:
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, Any]) -> str:
-    single = {r["clients"]: r for r in rows if r["server"] == "single"}
+    single = {r["clients"]: r for r in rows if r["server"] == "single"}  # ray x1's reference; ray x2's is "single (2nd)"
+    second = {r["clients"]: r for r in rows if r["server"] == "single (2nd)"}
     lines = [
         f"# Single server vs Ray Serve ({MODEL}, {meta['threads']} llama.cpp thread per replica)",
         "",
@@ -189,7 +190,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, A
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = single[r["clients"]]
+        base = (second if r["server"] in ("ray x2", "single (2nd)") else single)[r["clients"]]
         ttft, base_ttft = r["ttft_p50"] * 1000, base["ttft_p50"] * 1000
         lines.append(
             f"| {r['server']} | {r['clients']} | {r['tokens_per_second']:.1f} | "
@@ -224,11 +225,10 @@ def main() -> None:
     run = (args.levels, args.per_client, args.max_tokens, args.rounds)
     single = start_server([MODEL], args.threads, args.out / "single.log")
     rows = compare({"single": single, "ray x1": ray_server(1, args.threads, args.out / "ray-1.log")}, *run)
-    # two replicas, and the single server again as the ratios' reference
-    servers = {"single": start_server([MODEL], args.threads, args.out / "single.log")}
+    # two replicas, with the single server again as their ratios' reference
+    servers = {"single (2nd)": start_server([MODEL], args.threads, args.out / "single.log")}
     servers["ray x2"] = ray_server(2, args.threads, args.out / "ray-2.log")
-    second = compare(servers, *run)
-    rows += [r for r in second if r["server"] != "single"]
+    rows += compare(servers, *run)
     killed = fault(args.threads, args.fault_requests, 8, args.out)
     meta = {
         **host(),
