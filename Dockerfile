@@ -10,7 +10,9 @@ COPY pyproject.toml README.md ./
 COPY adaptserve ./adaptserve
 # llama.cpp for any x86-64 CPU, not just the build host's: every CPU variant, the best loaded at run time (llama_thread.py).
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
-RUN pip install --no-cache-dir . && adaptserve models
+# EXTRAS='[ray]': the image deploy/rayservice.yaml runs.
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".$EXTRAS" && adaptserve models
 
 ENV HF_HUB_OFFLINE=1
 EXPOSE 8000

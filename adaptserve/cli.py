@@ -48,6 +48,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
             single = "flag" in f.metadata
             action, nargs = ("append", None) if single else ("extend", "+")
             parser.add_argument(flag, type=item, nargs=nargs, action=action, default=None, help=help_text, dest=f.name)
+        elif "const" in f.metadata:  # the flag alone means `const`: `--ray` or `--ray ADDRESS`
+            parser.add_argument(flag, type=tp, nargs="?", const=f.metadata["const"], default=default, help=help_text, dest=f.name)
         else:
             parser.add_argument(flag, type=tp, default=default, help=help_text, dest=f.name)
 

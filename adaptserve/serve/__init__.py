@@ -44,6 +44,11 @@ def _exit_cleanly(sig: int, _: FrameType | None) -> None:
 
 def serve(config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM; then drain (see _Server), close the models and exit 0."""
+    if config.ray is not None:
+        from adaptserve.serve.ray_app import run
+
+        run(config)
+        return
     app = create_app(config)
     uv = uvicorn.Config(
         app,

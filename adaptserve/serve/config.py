@@ -110,6 +110,33 @@ class ServeConfig:
         metadata={"help": "seconds running requests get to finish after SIGTERM; then they fail cleanly"},
     )
 
+    ray: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--ray",
+            "const": "local",
+            "help": "serve as Ray Serve deployments on the Ray cluster at ADDRESS (auto: the one `ray start` began "
+            "on this node); --ray alone starts a local cluster (docs/cluster.md)",
+        },
+    )
+    replicas: int = field(default=1, metadata={"help": "with --ray: model replicas, each holding the base model"})
+    min_replicas: int | None = field(
+        default=None, metadata={"help": "with --ray: autoscale from this many replicas (needs --max-replicas)"}
+    )
+    max_replicas: int | None = field(
+        default=None, metadata={"help": "with --ray: autoscale up to this many replicas; set, it replaces --replicas"}
+    )
+    target_ongoing_requests: float = field(
+        default=4.0, metadata={"help": "with --ray and autoscaling: ongoing requests per replica the autoscaler aims at"}
+    )
+    max_models_per_replica: int = field(
+        default=2,
+        metadata={
+            "help": "with --ray: models besides the base (which stays resident) a replica holds; the least recently "
+            "used is unloaded to load another"
+        },
+    )
+
     def validate(self) -> None:
         """Fail before any model loads, naming every bad field at once."""
         errors = [message for ok, message in self._checks() if not ok]
@@ -144,6 +171,23 @@ class ServeConfig:
             (self.max_body_bytes > 0, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
             (self.request_timeout >= 0, f"request_timeout must be >= 0, got {self.request_timeout}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}"),
+            *self._ray_checks(),
+        ]
+
+    def _ray_checks(self) -> list[tuple[bool, str]]:
+        lo, hi = self.min_replicas, self.max_replicas
+        return [
+            (self.ray is None or bool(self.ray), "ray must name a cluster address"),
+            (
+                self.ray is None or importlib.util.find_spec("ray") is not None,
+                "--ray needs Ray Serve: pip install 'adaptserve[ray]'",
+            ),
+            (self.replicas >= 1, f"replicas must be positive, got {self.replicas}"),
+            (lo is None or hi is not None, "min_replicas needs max_replicas"),
+            (hi is None or hi >= 1, f"max_replicas must be positive, got {hi}"),
+            (lo is None or hi is None or 0 <= lo <= hi, f"min_replicas must be between 0 and max_replicas, got {lo}"),
+            (self.target_ongoing_requests > 0, f"target_ongoing_requests must be positive, got {self.target_ongoing_requests}"),
+            (self.max_models_per_replica >= 1, f"max_models_per_replica must be positive, got {self.max_models_per_replica}"),
         ]
 
     def _model_errors(self) -> list[str]:

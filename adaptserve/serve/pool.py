@@ -4,6 +4,7 @@ with the server's error mapping. The HTTP routes and the UI both go through one 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,24 +71,40 @@ class ModelPool:
         return base.spec.name, base.adapters[name]
 
     def load(self) -> None:
+        for spec in self.specs:
+            self.load_one(spec.name)
+
+    def load_one(self, name: str) -> None:
+        """Load the served model `name` unless it is loaded (a Ray Serve replica loads adapters on first use)."""
+        spec = next(s for s in self.specs if s.name == name)
+        if name in self.engines:
+            return
         if self.backend == "transformers":
-            for spec in self.specs:
-                self._load_hf(spec)
+            self._load_hf(spec)
             return
         from adaptserve.serve.llama_engine import LlamaCppEngine
 
-        for spec in self.specs:
-            engine = LlamaCppEngine(
-                self._runnable(spec),
-                self.config.n_ctx,
-                self.config.n_threads,
-                self.config.queue_size,
-                n_slots=self.config.n_slots,
-                prefill_chunk=self.config.prefill_chunk,
-                kv_cache=self.config.kv_cache,
-            )
-            self.engines[spec.name] = engine
-            self.metrics.watch_engine(spec.name, engine)
+        engine = LlamaCppEngine(
+            self._runnable(spec),
+            self.config.n_ctx,
+            self.config.n_threads,
+            self.config.queue_size,
+            n_slots=self.config.n_slots,
+            prefill_chunk=self.config.prefill_chunk,
+            kv_cache=self.config.kv_cache,
+        )
+        self.engines[name] = engine
+        self.metrics.watch_engine(name, engine)
+
+    def unload(self, name: str, timeout: float) -> None:
+        """Stop serving `name` (llama.cpp backend): its requests get `timeout` seconds to finish, then fail cleanly."""
+        engine = self.engines.pop(name)
+        self.metrics.unwatch_engine(name)
+        engine.drain(timeout)
+        deadline = time.monotonic() + timeout
+        while (engine.slots_busy or engine.queue_depth) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.close()
 
     def _runnable(self, spec: ModelSpec) -> ModelSpec:
         """An adapter is served on its base's GGUF as a LoRA GGUF, or merged into it (see export.served)."""
