@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import numpy as np
 import psutil
 
 from adaptserve.bench.load import free_port, launch, run_level, start_server
+from adaptserve.bench.run import machine_info
 
 log = logging.getLogger("benchmarks.cluster")
 MODEL = "smollm2-135m"
@@ -170,9 +170,8 @@ def fault(threads: int, requests: int, clients: int, out: Path) -> dict[str, Any
 
 
 def host() -> dict[str, Any]:
-    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "amx_tile"})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"cpu_flags": flags, "commit": commit, "python": sys.version.split()[0]}
+    machine = machine_info()
+    return {"cpu_flags": machine["cpu_flags"], "commit": (machine["git_commit"] or "")[:7], "python": machine["python"]}
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, Any]) -> str:

@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +24,7 @@ from typing import TextIO
 from adaptserve import finqa
 from adaptserve.bench.accuracy import Prediction, evaluate_finqa, mode_options
 from adaptserve.bench.report import accuracy_lines, confidence_plot
+from adaptserve.bench.run import machine_info
 from adaptserve.models import default_models, resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
@@ -84,14 +83,9 @@ def main() -> None:
     finally:
         pool.close()
     results = _merge(out / "finqa_accuracy.json", results)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu_flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "amx_tile"})
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "flags": cpu_flags,
-        "threads": args.threads,
-        "kv_cache": args.kv_cache,
-    }
+    host = machine_info()
+    commit, cpu_flags = (host["git_commit"] or "")[:7], host["cpu_flags"]
+    machine = {"cpu": host["cpu"], "flags": cpu_flags, "threads": args.threads, "kv_cache": args.kv_cache}
     summary = {"machine": machine, "commit": commit, "results": results}
     (out / "finqa_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     header = (

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -67,10 +66,10 @@ def main() -> None:
     finally:
         server.stop()
     medians = {n: statistics.median(r["tokens_per_second"] for r in rows if r["n"] == n) for n in args.n}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    machine = machine_info()
     summary = {
-        "machine": machine_info(),
-        "commit": commit,
+        "machine": machine,
+        "commit": (machine["git_commit"] or "")[:7],
         "config": vars(args),
         "median_tokens_per_second": medians,
         "ratio_to_one": {n: medians[n] / medians[1] for n in args.n},

@@ -245,8 +245,10 @@ def machine_info() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
     return {
         "cpu": cpu,
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "amx_tile"}),  # what decides the kernels llama.cpp and torch pick
         "cores": os.cpu_count(),
         "memory_bytes": memory,
         "gpu": _gpu(),
