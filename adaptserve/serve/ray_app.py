@@ -324,12 +324,13 @@ def run(config: ServeConfig) -> None:
     then stop the replicas, whose in-flight requests get --shutdown-timeout to finish."""
     app = build(config)
     ray.init(address=config.ray, include_dashboard=False if config.ray == "local" else None)  # "local": always a new one
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name=APP, route_prefix="/")
-    log.info("serving %s on http://%s:%d through Ray Serve", config.models, config.host, config.port)
+    # after ray.init, whose own SIGTERM handler exits at once: a signal during start-up still shuts down in order
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(app, name=APP, route_prefix="/")
+    log.info("serving %s on http://%s:%d through Ray Serve", config.models, config.host, config.port)
     stop.wait()
     log.info("shutting down: in-flight requests have %g s to finish", config.shutdown_timeout)
     serve.delete(APP)
