@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 from adaptserve.bench.load import free_port, launch, run_level, start_server
-from adaptserve.bench.run import machine_info
+from adaptserve.bench.run import machine_info, short_commit
 
 log = logging.getLogger("benchmarks.cluster")
 MODEL = "smollm2-135m"
@@ -171,7 +171,7 @@ def fault(threads: int, requests: int, clients: int, out: Path) -> dict[str, Any
 
 def host() -> dict[str, Any]:
     machine = machine_info()
-    return {"cpu_flags": machine["cpu_flags"], "commit": (machine["git_commit"] or "")[:7], "python": machine["python"]}
+    return {"cpu_flags": machine["cpu_flags"], "commit": short_commit(machine), "python": machine["python"]}
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, Any]) -> str:

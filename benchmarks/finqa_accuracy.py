@@ -24,7 +24,7 @@ from typing import TextIO
 from adaptserve import finqa
 from adaptserve.bench.accuracy import Prediction, evaluate_finqa, mode_options
 from adaptserve.bench.report import accuracy_lines, confidence_plot
-from adaptserve.bench.run import machine_info
+from adaptserve.bench.run import machine_info, short_commit
 from adaptserve.models import default_models, resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE
@@ -84,7 +84,7 @@ def main() -> None:
         pool.close()
     results = _merge(out / "finqa_accuracy.json", results)
     host = machine_info()
-    commit, cpu_flags = (host["git_commit"] or "")[:7], host["cpu_flags"]
+    commit, cpu_flags = short_commit(host), host["cpu_flags"]
     machine = {"cpu": host["cpu"], "flags": cpu_flags, "threads": args.threads, "kv_cache": args.kv_cache}
     summary = {"machine": machine, "commit": commit, "results": results}
     (out / "finqa_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -22,7 +22,7 @@ from typing import Any
 import openai
 
 from adaptserve.bench.load import start_server
-from adaptserve.bench.run import machine_info
+from adaptserve.bench.run import machine_info, short_commit
 
 log = logging.getLogger("benchmarks.n_choices")
 TOPICS = ["tides", "bridges", "violins", "glaciers", "lighthouses", "beehives", "comets", "canals", "deserts", "orchards"]
@@ -69,7 +69,7 @@ def main() -> None:
     machine = machine_info()
     summary = {
         "machine": machine,
-        "commit": (machine["git_commit"] or "")[:7],
+        "commit": short_commit(machine),
         "config": vars(args),
         "median_tokens_per_second": medians,
         "ratio_to_one": {n: medians[n] / medians[1] for n in args.n},

@@ -226,18 +226,9 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.machine(),
-        )
-        if Path("/proc/cpuinfo").is_file()
-        else platform.machine()
-    )
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    names = (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    cpu = next(names, platform.machine())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     versions = {}
     for package in ("adaptserve", "llama-cpp-python", "fastapi", "torch", "transformers"):
@@ -245,10 +236,10 @@ def machine_info() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
     return {
         "cpu": cpu,
-        "cpu_flags": sorted(flags & {"avx2", "avx512f", "amx_tile"}),  # what decides the kernels llama.cpp and torch pick
+        # what decides the kernels llama.cpp and torch pick
+        "cpu_flags": sorted(set(cpuinfo.split()) & {"avx2", "avx512f", "amx_tile"}),
         "cores": os.cpu_count(),
         "memory_bytes": memory,
         "gpu": _gpu(),
@@ -256,6 +247,11 @@ def machine_info() -> dict[str, Any]:
         "versions": versions,
         "git_commit": _git_commit(),
     }
+
+
+def short_commit(machine: dict[str, Any]) -> str:
+    """`machine_info()`'s commit as results cite it: 7 hex digits, or "" outside a git checkout."""
+    return (machine["git_commit"] or "")[:7]
 
 
 def _gpu() -> str | None:
