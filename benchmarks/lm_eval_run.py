@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,6 @@ TASKS_DIR = REPO / "benchmarks" / "lm_eval"
 MODELS = ("smollm2-135m", "smollm2-135m-finqa")
 MC_TASK = "finance_mc"
 TOLERANCE = 0.02  # nats per continuation token: the server's own echo-logprob test (tests/test_openai_params.py)
-HOST_FLAGS = re.compile(r"\b(avx2|avx512f|amx_tile)\b")
 
 log = logging.getLogger("benchmarks.lm_eval_run")
 
@@ -196,23 +194,22 @@ def git(*args: str) -> str:
 
 
 def host(threads: int | None) -> dict[str, Any]:
-    info = Path("/proc/cpuinfo")
-    flags = sorted(set(HOST_FLAGS.findall(info.read_text()))) if info.is_file() else []
-    return {
-        "cpu_flags": flags,
-        "cores": os.cpu_count(),
+    from adaptserve.bench.run import machine_info
+
+    return machine_info() | {
         "server_threads": threads,
-        "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from adaptserve.bench.run import short_commit
+
     h = report["host"]
     lines = [
         f"lm_eval {report['lm_eval']} against `adaptserve serve` ({h['server_threads']} threads), commit "
-        f"{h['git_commit'][:12]}{' (dirty)' if h['git_dirty'] else ''}, CPU flags {', '.join(h['cpu_flags']) or 'none'}, "
+        f"{short_commit(h)}{' (dirty)' if h['git_dirty'] else ''}, CPU flags {', '.join(h['cpu_flags']) or 'none'}, "
         f"{h['cores']} cores; {report['wall_s']:.0f} s in all.",
         "",
         "| task | client | model | docs | metrics | wall s |",
