@@ -53,6 +53,8 @@ def test_openai_client_through_the_proxy(url: str) -> None:
         oa.chat.completions.create(model="nope", messages=HELLO, max_tokens=4)
     with pytest.raises(openai.BadRequestError):
         oa.chat.completions.create(model=BASE, messages=HELLO, max_tokens=100_000)
+    refused = httpx.post(f"{url}/admin/adapters", json={"name": "x", "path": "x"})  # would load on one replica only
+    assert refused.status_code == 400 and "--models" in refused.json()["error"]["message"]
 
 
 def test_finqa_through_the_proxy(url: str) -> None:
@@ -93,6 +95,21 @@ async def _request(client: httpx.AsyncClient, i: int) -> tuple[int, str, dict]:
 def _replicas() -> set[str]:
     prefix = f"SERVE_REPLICA::{APP}#ModelReplica#"
     return {a["name"][len(prefix) :] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+def test_ui_is_served_by_the_ingress_and_calls_the_api_through_it(url: str) -> None:
+    """Gradio's requests of one session all reach the one ingress replica; the UI's chat and FinQA calls take the API's
+    routing to a replica holding the model they name, an adapter loaded there on first use."""
+    from gradio_client import Client
+
+    assert httpx.get(url).headers["location"] == "/ui/"
+    assert httpx.get(f"{url}/ui/", timeout=120).status_code == 200  # builds the UI (gradio's import takes seconds)
+    ui = Client(f"{url}/ui/", verbose=False)
+    assert ui.predict("Name three colors.", BASE, 0.0, 16, api_name="/chat")
+    table = "| 2015 | 2014\nnet revenue | $ 5829 | $ 5735"
+    question = "what is the percentage change in net revenue from 2014 to 2015?"
+    program, _, confidence, _ = ui.predict(ADAPTERS[1], question, table, "", 2, api_name="/finqa")
+    assert program.startswith("subtract(") and confidence.endswith("programs give this answer)")
 
 
 def test_replica_killed_under_load_is_replaced_and_no_request_hangs(url: str) -> None:

@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from adaptserve.models import resolve
 from adaptserve.serve.config import ServeConfig
-from adaptserve.serve.errors import add_error_handlers, invalid
+from adaptserve.serve.errors import APIError, add_error_handlers, invalid
 from adaptserve.serve.finqa_answer import answer_finqa
 from adaptserve.serve.guard import Guard, env_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
@@ -54,12 +54,14 @@ API_ROUTES = (
 )
 
 
-def create_app(config: ServeConfig | None = None) -> FastAPI:
+def create_app(config: ServeConfig | None = None, replica: bool = False) -> FastAPI:
+    """The server's app; `replica`: one of several behind Ray Serve (ray_app), which places the models itself."""
     config = config or ServeConfig()
     config.validate()  # before any model loads: the CLI turns its error into one line and exit 2
     metrics = Metrics()
     pool = ModelPool([resolve(ref) for ref in config.models], config, metrics)
-    ui = LazyUI(pool) if config.ui else None
+    keys = [*config.api_keys, *env_keys()]
+    ui = LazyUI(pool.names, keys[0] if keys else None) if config.ui else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,18 +79,26 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)},
     )
     app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
-    keys = [*config.api_keys, *env_keys()]
     # Outermost last: CORS answers preflights (which carry no key) and labels refusals; metrics count refusals.
     app.add_middleware(Guard, keys=keys, max_body_bytes=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
-    if pool.backend == "transformers":  # only its engine attaches adapters without merging them
+    if replica:  # an adapter loaded at runtime would live on this replica alone, which Ray's routing cannot know
+
+        @app.api_route("/admin/{path:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+        async def admin_on_cluster(path: str) -> None:
+            message = "runtime adapter loading is off on a Ray Serve cluster: name adapters in --models instead"
+            raise APIError(400, message, "invalid_request_error", "unsupported_on_cluster")
+
+    elif pool.backend == "transformers":  # only its engine attaches adapters without merging them
         from adaptserve.serve.admin import admin_router
 
         app.include_router(admin_router(pool, [Path(d) for d in config.adapter_dir]))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if keys and config.ui:
-        log.warning("API keys guard /v1 and /admin, but not the UI at /ui: pass --no-ui where the port is exposed")
+        log.warning(
+            "API keys guard /v1 and /admin; the UI at /ui is open and uses the first key: pass --no-ui where the port is exposed"
+        )
 
     add_error_handlers(app)
 

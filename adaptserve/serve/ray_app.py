@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import ray
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -34,7 +36,9 @@ from adaptserve.models import resolve
 from adaptserve.serve.app import create_app
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.errors import APIError
+from adaptserve.serve.guard import env_keys
 from adaptserve.serve.serving import sse
+from adaptserve.serve.ui_mount import LazyUI
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,8 @@ class ModelReplica:
     the first model stays loaded, the others load on first use, up to `max_models_per_replica` of them."""
 
     def __init__(self, config: ServeConfig) -> None:
-        self.config = dataclasses.replace(config, ui=False)  # Gradio's sessions span requests, which replicas do not share
-        self.app = create_app(self.config)
+        self.config = dataclasses.replace(config, ui=False)  # the ingress serves the UI (see Ingress)
+        self.app = create_app(self.config, replica=True)
         self.pool = self.app.state.pool
         self.id = serve.get_replica_context().replica_id.unique_id
         registry = self.app.state.metrics.registry
@@ -175,13 +179,24 @@ class ModelReplica:
 
 
 class Ingress:
-    """Raw HTTP in, the `ModelReplica` holding the request's model out, with retries while replicas come and go."""
+    """Raw HTTP in, the `ModelReplica` holding the request's model out, with retries while replicas come and go.
+
+    The ingress also serves the UI at /ui: Gradio's session spans requests, which the one ingress replica sees all
+    of, and the UI calls the API through this same routing, as any client does."""
 
     def __init__(self, config: ServeConfig, replicas: DeploymentHandle) -> None:
         self.replicas = replicas.options(stream=True)
         self.names = [resolve(ref).name for ref in config.models]
         self.max_body = config.max_body_bytes
         self.timeout = config.request_timeout + 30 if config.request_timeout else None  # the replica answers first
+        self.ui = self._ui(config) if config.ui else None
+
+    def _ui(self, config: ServeConfig) -> FastAPI:
+        keys = [*config.api_keys, *env_keys()]
+        app = FastAPI(openapi_url=None)
+        app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
+        app.mount("/ui", LazyUI(self.names, keys[0] if keys else None, api=self.asgi))
+        return app
 
     def __serve_build_asgi_app__(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         async def app(scope: Scope, receive: Receive, send: Send) -> None:  # a function: uvicorn takes it for ASGI 3
@@ -194,6 +209,9 @@ class Ingress:
             await _lifespan(receive, send)
             return
         if scope["type"] != "http":
+            return
+        if self.ui is not None and (scope["path"] in ("/", "/ui") or scope["path"].startswith("/ui/")):
+            await self.ui(scope, receive, send)
             return
         body = await self._body(receive)
         model = self._model(scope, body)

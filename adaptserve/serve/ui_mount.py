@@ -10,17 +10,17 @@ import logging
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from adaptserve.serve.pool import ModelPool
-
 log = logging.getLogger(__name__)
 
 
 class LazyUI:
     """The Gradio UI at /ui, imported and built at its first request: gradio's import time and memory
-    (benchmarks/results/footprint) are then paid only by a server whose UI is used."""
+    (benchmarks/results/footprint) are then paid only by a server whose UI is used.
 
-    def __init__(self, pool: ModelPool) -> None:
-        self._pool = pool
+    The UI calls the API of `api`, or of the app it is mounted in when None, with `api_key` where keys are set."""
+
+    def __init__(self, names: list[str], api_key: str | None, api: ASGIApp | None = None) -> None:
+        self._names, self._key, self._api = names, api_key, api
         self._app: ASGIApp | None = None
         self._building = asyncio.Lock()
         self._running = contextlib.AsyncExitStack()
@@ -36,7 +36,7 @@ class LazyUI:
         log.info("starting the UI at /ui")
         # The import runs off the event loop, so that streams in flight do not stall for it.
         ui = await asyncio.to_thread(importlib.import_module, "adaptserve.serve.ui")
-        app = ui.gradio_app(parent, self._pool)
+        app = ui.gradio_app(parent, ui.LocalAPI(self._api or parent, self._key), self._names)
         await self._running.enter_async_context(ui.running(app))
         return app
 
