@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import psutil
 
-from adaptserve.bench.load import free_port, launch, run_level, start_server
+from adaptserve.bench.load import free_port, launch, run_level, start_server, stream_chat_blocking
 from adaptserve.bench.run import machine_info, short_commit
 
 log = logging.getLogger("benchmarks.cluster")
@@ -35,6 +35,7 @@ MODEL = "smollm2-135m"
 ADAPTERS = ["smollm2-135m-finqa", "smollm2-135m-finqa@lora"]
 REPLICA = "x-adaptserve-replica"
 MIN_REQUESTS = 12  # per level: a p50 of fewer is one noisy request on a shared machine
+PAIRS = 60  # requests to each server in the paired time-to-first-token measurement
 PROMPTS = [
     [{"role": "user", "content": "Name three colors."}],
     [{"role": "user", "content": "What is a balance sheet?"}],
@@ -62,13 +63,51 @@ def idle_cores(pid: int, seconds: float = 10.0) -> float:
     return round((used() - before) / seconds, 3)
 
 
-def compare(servers: dict[str, Any], levels: list[int], per_client: int, max_tokens: int, rounds: int) -> list[dict[str, Any]]:
-    """Each level on each server in turn, `rounds` times, so the machine's other load falls on all of them alike."""
+def paired_ttft(reference: Any, other: Any, pairs: int) -> dict[str, Any]:
+    """Added time to first token, measured in pairs: one request to each server back to back, the order alternating,
+    so the other jobs' load, which drifts over seconds on a shared machine, falls on both members of a pair alike.
+    Also the round trip of `GET /health` (no model work): what the hops alone cost."""
+
+    def ttft(server: Any, i: int) -> float:
+        result = stream_chat_blocking(server.url, MODEL, PROMPTS[i % len(PROMPTS)], 4)
+        if result.ttft is None:
+            raise RuntimeError(f"no first token from {server.url}: {result.error}")
+        return result.ttft
+
+    def health(server: Any) -> float:
+        start = time.perf_counter()
+        httpx.get(f"{server.url}/health", timeout=30).raise_for_status()
+        return time.perf_counter() - start
+
+    added, hop = [], []
+    for i in range(pairs):
+        first, second = (reference, other) if i % 2 == 0 else (other, reference)
+        times = {id(first): ttft(first, i), id(second): ttft(second, i)}
+        added.append(times[id(other)] - times[id(reference)])
+        hop.append(health(other) - health(reference))
+    ms = 1000 * np.asarray(added)
+    low, high = np.percentile([np.median(np.random.default_rng(i).choice(ms, ms.size)) for i in range(1000)], [2.5, 97.5])
+    return {
+        "pairs": pairs,
+        "added_ttft_ms_p50": round(float(np.median(ms)), 1),
+        "added_ttft_ms_p50_ci95": [round(float(low), 1), round(float(high), 1)],
+        "added_health_ms_p50": round(1000 * float(np.median(hop)), 1),
+    }
+
+
+def compare(
+    servers: dict[str, Any], levels: list[int], per_client: int, max_tokens: int, rounds: int, pairs: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each level on each server in turn, `rounds` times, so the machine's other load falls on all of them alike;
+    and the paired time to first token of each server against the first."""
     runs: dict[tuple[str, int], list[Any]] = {}
     try:
         idle = {name: idle_cores(server.process.pid) for name, server in servers.items()}
         for server in servers.values():
             asyncio.run(run_level(server.url, MODEL, PROMPTS, 2, 4, max_tokens))  # warm-up: each replica's first request
+        reference, *others = servers
+        paired = {name: paired_ttft(servers[reference], servers[name], pairs) for name in others}
+        log.info("paired time to first token against %s: %s", reference, paired)
         for _ in range(rounds):
             for clients in levels:
                 for name, server in servers.items():
@@ -101,7 +140,7 @@ def compare(servers: dict[str, Any], levels: list[int], per_client: int, max_tok
                 "cold_start_s": round(servers[name].cold_start_seconds, 1),
             }
         )
-    return rows
+    return rows, paired
 
 
 async def _mixed(client: httpx.AsyncClient, i: int, seen: dict[str, float]) -> str:
@@ -174,7 +213,7 @@ def host() -> dict[str, Any]:
     return {"cpu_flags": machine["cpu_flags"], "commit": short_commit(machine), "python": machine["python"]}
 
 
-def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, Any]) -> str:
+def report(rows: list[dict[str, Any]], paired: dict[str, Any], meta: dict[str, Any], killed: dict[str, Any]) -> str:
     single = {r["clients"]: r for r in rows if r["server"] == "single"}  # ray x1's reference; ray x2's is "single (2nd)"
     second = {r["clients"]: r for r in rows if r["server"] == "single (2nd)"}
     lines = [
@@ -198,6 +237,20 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], killed: dict[str, A
         )
     lines += [
         "",
+        f"## Added time to first token, paired ({meta['pairs']} pairs of 4-token streamed chats, one client)",
+        "",
+        "Each pair sends one request to the single server and one to Ray Serve back to back, alternating which goes first;",
+        "the added time is the median of the pairs' differences (95% bootstrap interval). `GET /health` does no model",
+        "work: its added round trip is what the hops alone cost.",
+        "",
+        "| server | against | added p50 TTFT ms | 95% interval | added /health ms |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {'single (2nd)' if name == 'ray x2' else 'single'} | {p['added_ttft_ms_p50']:+.1f} | "
+            f"{p['added_ttft_ms_p50_ci95'][0]:+.1f} to {p['added_ttft_ms_p50_ci95'][1]:+.1f} | {p['added_health_ms_p50']:+.1f} |"
+            for name, p in paired.items()
+        ),
+        "",
         f"## A replica killed under load: {killed['requests']} mixed requests, {killed['clients']} clients, two replicas",
         "",
         "| outcome | requests |",
@@ -217,17 +270,19 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=3, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="times each level runs on each server, in turn")
+    parser.add_argument("--pairs", type=int, default=PAIRS, help="request pairs of the paired time-to-first-token test")
     parser.add_argument("--fault-requests", type=int, default=200, help="requests of the load a replica is killed under")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    run = (args.levels, args.per_client, args.max_tokens, args.rounds)
+    run = (args.levels, args.per_client, args.max_tokens, args.rounds, args.pairs)
     single = start_server([MODEL], args.threads, args.out / "single.log")
-    rows = compare({"single": single, "ray x1": ray_server(1, args.threads, args.out / "ray-1.log")}, *run)
+    rows, paired = compare({"single": single, "ray x1": ray_server(1, args.threads, args.out / "ray-1.log")}, *run)
     # two replicas, with the single server again as their ratios' reference
     servers = {"single (2nd)": start_server([MODEL], args.threads, args.out / "single.log")}
     servers["ray x2"] = ray_server(2, args.threads, args.out / "ray-2.log")
-    rows += compare(servers, *run)
+    more_rows, more_paired = compare(servers, *run)
+    rows, paired = rows + more_rows, paired | more_paired
     killed = fault(args.threads, args.fault_requests, 8, args.out)
     meta = {
         **host(),
@@ -235,9 +290,12 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "per_client": args.per_client,
         "rounds": args.rounds,
+        "pairs": args.pairs,
     }
-    (args.out / "cluster.json").write_text(json.dumps({"meta": meta, "levels": rows, "fault": killed}, indent=2) + "\n")
-    (args.out / "cluster.md").write_text(report(rows, meta, killed))
+    (args.out / "cluster.json").write_text(
+        json.dumps({"meta": meta, "levels": rows, "paired_ttft": paired, "fault": killed}, indent=2) + "\n"
+    )
+    (args.out / "cluster.md").write_text(report(rows, paired, meta, killed))
     log.info("wrote %s", args.out / "cluster.md")
 
 
