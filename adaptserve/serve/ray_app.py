@@ -14,6 +14,7 @@ cut by one with an error event, so a client sees a 2xx, a 503 with Retry-After, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import Message, Receive, Scope, Send
 
 from adaptserve.models import resolve
+from adaptserve.serve import asgi
 from adaptserve.serve.app import create_app
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.errors import APIError
@@ -121,54 +123,29 @@ class ModelReplica:
         self.held.remove(self.id, name)
 
     async def handle(self, request: dict[str, Any]) -> AsyncIterator[list[Message]]:
-        """Run one HTTP request through the app; yield its ASGI messages in batches of what is ready."""
+        """Run one HTTP request through the app; yield its ASGI messages in batches of what is ready, the response
+        start (with the replica's header) held back to travel with the first body bytes."""
         model = serve.get_multiplexed_model_id()
         if model:
             await self.model(model)
         self.busy[model] += 1  # in the same event-loop step as the load returned: no eviction in between
         self.answered.labels(self.id, model or self.pool.names[0]).inc()
-        messages: asyncio.Queue[Message | None] = asyncio.Queue()
-        gone = asyncio.Event()
-        task = asyncio.create_task(self._run(request, messages, gone))
-        try:
-            while True:
-                batch = [await messages.get()]
-                while not messages.empty():
-                    batch.append(messages.get_nowait())
-                if batch[-1] is None:
-                    if len(batch) > 1:
-                        yield batch[:-1]
-                    return
-                yield batch
-        finally:  # the client left (Ray cancels this generator): the app sees a disconnect and cancels its work
-            gone.set()
-            await asyncio.wait({task}, timeout=1.0)
-            task.cancel()
-            self.busy[model] -= 1
-
-    async def _run(self, request: dict[str, Any], messages: asyncio.Queue[Message | None], gone: asyncio.Event) -> None:
-        body, start = [request["body"]], None
-
-        async def receive() -> Message:
-            if body:
-                return {"type": "http.request", "body": body.pop(), "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":  # held back to travel with the first body bytes
-                start = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, self.id.encode())]}
-                return
-            if start is not None:
-                messages.put_nowait(start)
-                start = None
-            messages.put_nowait(message)
-
-        try:
-            await self.app(request["scope"], receive, send)
+        held: list[Message] = []
+        try:  # the client leaving (Ray cancels this generator) closes the call: the app sees a disconnect
+            async with contextlib.aclosing(asgi.call(self.app, request["scope"], request["body"])) as batches:
+                async for batch in batches:
+                    if batch[0]["type"] == "http.response.start":
+                        start = batch[0]
+                        batch[0] = {**start, "headers": [*start.get("headers", []), (REPLICA_HEADER, self.id.encode())]}
+                    held, batch = [], [*held, *batch]
+                    if len(batch) == 1 and batch[0]["type"] == "http.response.start":
+                        held = batch
+                        continue
+                    yield batch
+            if held:
+                yield held
         finally:
-            messages.put_nowait(None)
+            self.busy[model] -= 1
 
     async def __del__(self) -> None:
         """Ray stops a replica after its requests finished or `graceful_shutdown_timeout_s` passed: the rest fail

@@ -7,7 +7,6 @@ The server imports this module (and gradio) only when /ui is first visited (`ui_
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from gradio.routes import App
 from starlette.types import ASGIApp, Message
 
+from adaptserve.serve import asgi
 from adaptserve.serve.schema import FinQAResponse
 
 EXAMPLE_TABLE = """| 2015 | 2014
@@ -55,32 +55,10 @@ class LocalAPI:
             "client": ("127.0.0.1", 0),
             "server": ("127.0.0.1", 0),
         }
-        sent, gone = [data], asyncio.Event()
-        messages: asyncio.Queue[Message | None] = asyncio.Queue()
-
-        async def receive() -> Message:
-            if sent:
-                return {"type": "http.request", "body": sent.pop(), "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            messages.put_nowait(message)
-
-        async def run() -> None:
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                messages.put_nowait(None)
-
-        task = asyncio.create_task(run())
-        try:
-            while (message := await messages.get()) is not None:
-                yield message
-        finally:
-            gone.set()
-            await asyncio.wait({task}, timeout=1.0)
-            task.cancel()
+        async with contextlib.aclosing(asgi.call(self.app, scope, data)) as batches:
+            async for batch in batches:
+                for message in batch:
+                    yield message
 
     async def chat(self, body: dict[str, Any]) -> AsyncIterator[str]:
         """The reply's text so far, after each streamed chunk; an error (as a status or an event) raises gr.Error."""
