@@ -18,7 +18,7 @@ from adaptserve.models import resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.errors import APIError, add_error_handlers, invalid
 from adaptserve.serve.finqa_answer import answer_finqa
-from adaptserve.serve.guard import Guard, env_keys
+from adaptserve.serve.guard import Guard, all_keys
 from adaptserve.serve.metrics import Metrics, MetricsMiddleware
 from adaptserve.serve.pool import ModelPool
 from adaptserve.serve.schema import (
@@ -60,8 +60,8 @@ def create_app(config: ServeConfig | None = None, replica: bool = False) -> Fast
     config.validate()  # before any model loads: the CLI turns its error into one line and exit 2
     metrics = Metrics()
     pool = ModelPool([resolve(ref) for ref in config.models], config, metrics)
-    keys = [*config.api_keys, *env_keys()]
-    ui = LazyUI(pool.names, keys[0] if keys else None) if config.ui else None
+    keys = all_keys(config.api_keys)
+    ui = LazyUI(pool.names, keys) if config.ui else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

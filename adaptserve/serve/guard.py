@@ -25,6 +25,11 @@ def env_keys() -> list[str]:
     return [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
 
 
+def all_keys(configured: list[str]) -> list[str]:
+    """The keys a request may present: those of --api-key, then those of $ADAPTSERVE_API_KEYS."""
+    return [*configured, *env_keys()]
+
+
 def protected(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in PROTECTED)
 

@@ -38,7 +38,7 @@ from adaptserve.serve import asgi
 from adaptserve.serve.app import create_app
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.errors import APIError
-from adaptserve.serve.guard import env_keys
+from adaptserve.serve.guard import all_keys
 from adaptserve.serve.serving import sse
 from adaptserve.serve.ui_mount import LazyUI
 
@@ -169,10 +169,9 @@ class Ingress:
         self.ui = self._ui(config) if config.ui else None
 
     def _ui(self, config: ServeConfig) -> FastAPI:
-        keys = [*config.api_keys, *env_keys()]
         app = FastAPI(openapi_url=None)
         app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
-        app.mount("/ui", LazyUI(self.names, keys[0] if keys else None, api=self.asgi))
+        app.mount("/ui", LazyUI(self.names, all_keys(config.api_keys), api=self.asgi))
         return app
 
     def __serve_build_asgi_app__(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

@@ -17,10 +17,10 @@ class LazyUI:
     """The Gradio UI at /ui, imported and built at its first request: gradio's import time and memory
     (benchmarks/results/footprint) are then paid only by a server whose UI is used.
 
-    The UI calls the API of `api`, or of the app it is mounted in when None, with `api_key` where keys are set."""
+    The UI calls the API of `api`, or of the app it is mounted in when None, with the first of `keys` if any."""
 
-    def __init__(self, names: list[str], api_key: str | None, api: ASGIApp | None = None) -> None:
-        self._names, self._key, self._api = names, api_key, api
+    def __init__(self, names: list[str], keys: list[str], api: ASGIApp | None = None) -> None:
+        self._names, self._key, self._api = names, keys[0] if keys else None, api
         self._app: ASGIApp | None = None
         self._building = asyncio.Lock()
         self._running = contextlib.AsyncExitStack()
