@@ -81,9 +81,9 @@ def paired_ttft(reference: Any, other: Any, pairs: int) -> dict[str, Any]:
 
     added, hop = [], []
     for i in range(pairs):
-        first, second = (reference, other) if i % 2 == 0 else (other, reference)
-        times = {id(first): ttft(first, i), id(second): ttft(second, i)}
-        added.append(times[id(other)] - times[id(reference)])
+        order = (reference, other) if i % 2 == 0 else (other, reference)
+        times = {server.url: ttft(server, i) for server in order}  # in that order
+        added.append(times[other.url] - times[reference.url])
         hop.append(health(other) - health(reference))
     ms = 1000 * np.asarray(added)
     low, high = np.percentile([np.median(np.random.default_rng(i).choice(ms, ms.size)) for i in range(1000)], [2.5, 97.5])
