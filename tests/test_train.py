@@ -63,6 +63,7 @@ def test_tiny_finqa_run_gives_a_loadable_adapter(tmp_path: Path) -> None:
     assert report.data_hash == finqa.data_hash(finqa.load_finqa(None, "dev"))
     saved = json.loads((out / "train_report.json").read_text())
     assert saved["config"]["rank"] == 4 and saved["base_model"] == "smollm2-135m"
+    assert saved["host"]["cores"] and "avx2" in saved["host"]["cpu_flags"]  # the kernel-deciding flags are recorded
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "tokenizer.json").is_file() and not (out / "checkpoints").exists()
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -27,6 +26,7 @@ from adaptserve.bench.load import Message, ServerGone, run_level, start_server
 from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_model
+from adaptserve.host import cpu_info
 from adaptserve.models import resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.metrics import Metrics
@@ -226,22 +226,13 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    names = (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-    cpu = next(names, platform.machine())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     versions = {}
     for package in ("adaptserve", "llama-cpp-python", "fastapi", "torch", "transformers"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return {
-        "cpu": cpu,
-        # what decides the kernels llama.cpp and torch pick
-        "cpu_flags": sorted(set(cpuinfo.split()) & {"avx2", "avx512f", "amx_tile"}),
-        "cores": os.cpu_count(),
-        "memory_bytes": memory,
+    return cpu_info() | {
         "gpu": _gpu(),
         "python": platform.python_version(),
         "versions": versions,

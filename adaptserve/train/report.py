@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptserve.host import cpu_info
 from adaptserve.train.config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TrainReport:
     config: dict[str, Any]
     versions: dict[str, str]
     world_size: int = 1  # processes that trained it together, data-parallel (torchrun / accelerate launch)
+    host: dict[str, Any] = dataclasses.field(default_factory=cpu_info)  # the CPU and its kernel-deciding flags
 
     def write(self, out: Path) -> None:
         (out / "train_report.json").write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
