@@ -117,6 +117,8 @@ def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path: Path, chats:
     assert resumed.steps == steps and len(resumed.loss_history) == steps
     assert latest(out / "checkpoints").name == f"step-{steps:08d}"  # type: ignore[union-attr]
     assert len(list((out / "checkpoints").iterdir())) == 2  # the last two are kept
+    # A checkpoint is scored as the run prompts: it carries the run's retrieval depth.
+    assert finqa.adapter_style(latest(out / "checkpoints")) == finqa.PromptStyle(shots=0, sentences=TrainConfig().retrieval_k)
 
     # Optimizer, schedule, RNG and data order all carried over: the losses are those of an unbroken run.
     unbroken = train(TrainConfig(**args, output_dir=str(tmp_path / "unbroken")))

@@ -125,9 +125,13 @@ BASE_STYLE = PromptStyle(shots=2, sentences=3)
 
 
 def adapter_style(adapter_dir: Path) -> PromptStyle:
-    """An adapter answers FinQA the way it was trained: zero-shot, with the retrieval depth of its training run."""
-    report = adapter_dir / "train_report.json"
-    k = json.loads(report.read_text())["config"]["retrieval_k"] if report.is_file() else BASE_STYLE.sentences
+    """An adapter answers FinQA the way it was trained: zero-shot, with the retrieval depth of its training run, as
+    a finished run's train_report.json or a checkpoint's train_config.json records it."""
+    report, config = adapter_dir / "train_report.json", adapter_dir / "train_config.json"
+    if report.is_file():
+        k = json.loads(report.read_text())["config"]["retrieval_k"]
+    else:
+        k = json.loads(config.read_text())["retrieval_k"] if config.is_file() else BASE_STYLE.sentences
     return PromptStyle(shots=0, sentences=k)
 
 

@@ -8,6 +8,7 @@ Its files are fsynced before the rename and the rename after it, so this holds t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from adaptserve.train.model import Model, save_weights
 
 log = logging.getLogger(__name__)
 
+CONFIG = "train_config.json"
 KEEP = 2  # checkpoints kept; older ones are deleted once a newer one is complete
 _PREFIX = "step-"
 
@@ -50,10 +52,13 @@ def save(
     progress: Progress,
     data_hash: str,
     plan: list[list[int]],
+    config: dict[str, Any],
 ) -> Path:
     final = root / f"{_PREFIX}{progress.step:08d}"
     tmp = root / f".tmp-{final.name}"
     save_weights(model, tmp)
+    # The run's config beside the weights: scoring a checkpoint prompts it as the run trains (finqa.adapter_style).
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     state = {
         "progress": asdict(progress),
         "data_hash": data_hash,

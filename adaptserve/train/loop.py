@@ -127,7 +127,7 @@ def train(config: TrainConfig) -> TrainReport:
             },
         )
         if world.main and config.save_every and (progress.step % config.save_every == 0 or progress.step == steps):
-            checkpoint.save(ckpt_root, model, optimizer, scheduler, progress, data_hash, plan)
+            checkpoint.save(ckpt_root, model, optimizer, scheduler, progress, data_hash, plan, dataclasses.asdict(config))
     bar.close()
     tracker.close()
 
