@@ -85,6 +85,8 @@ def test_bench_writes_results_report_plots_and_examples(results: tuple[dict, Pat
     assert data["machine"]["cores"] and data["machine"]["versions"]["llama-cpp-python"]
     report = (out / "report.md").read_text()
     assert "smollm2-135m-finqa" in report and "## Perplexity" in report and "ROUGE-L" in report
+    (trained,) = data["training"]  # the adapter's cost, from its train_report.json; the base has none
+    assert trained["model"] == "smollm2-135m-finqa" and trained["steps"] > 0 and "## Training cost" in report
 
 
 def test_bench_numbers_are_consistent(results: tuple[dict, Path]) -> None:

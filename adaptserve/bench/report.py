@@ -78,6 +78,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_maybe(o.get('ratio', 0), '.2f')} | {_maybe(o.get('ratio_tg', 0), '.2f')} "
             f"| {o.get('same_text', 0)} of {o.get('pairs', 0)} |"
         )
+    if results.get("training"):
+        lines += _training(results["training"])
     if results["skipped"]:
         lines += [
             "",
@@ -186,6 +188,26 @@ def _perplexity(rows: list[dict[str, Any]], source: str) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['gguf']} | {r['ppl']:.4f} ± {r['error']:.5f} | {r['chunks']} x {r['n_ctx']} "
             f"| {r['tokens_scored']} | {r['seconds']:.1f} |"
+        )
+    return lines
+
+
+def _training(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Training cost (each adapter's train_report.json)",
+        "",
+        "Time is the training loop's, over all resumed runs; peak memory is CUDA's allocator peak on a GPU, the "
+        "process's peak RSS on a CPU.",
+        "",
+        "| model | device | host CPU (flags) | precision | steps | tokens | tokens/s | time | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        host = f"{r['host_cpu']} ({', '.join(r['cpu_flags'])})" if r["host_cpu"] else "not recorded"
+        lines.append(
+            f"| {r['model']} | {r['device']} | {host} | {r['precision']} | {r['steps']} | {r['train_tokens']} "
+            f"| {r['tokens_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | {r['peak_memory_bytes'] / 2**30:.1f} GiB |"
         )
     return lines
 

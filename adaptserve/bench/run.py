@@ -52,6 +52,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     results["accuracy"] = [row for b in backends for row in _accuracy(config, records, out, b)] if config.accuracy else []
     chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
     results["speed"] = [dataclasses.asdict(s) for s in _speed(config)] if gguf else []
+    results["training"] = training_costs(config.models)
     results["skipped"] = skipped
     results["prompts"], results["overhead"], results["load"], results["servers"], results["failed"] = [], [], [], [], []
     for backend in ["url"] if config.url else backends:
@@ -130,6 +131,34 @@ def _measure_http(
                 result.ttft.get("p95", 0),
             )
             results["load"].append({**dataclasses.asdict(result), "backend": backend})
+
+
+def training_costs(models: list[str]) -> list[dict[str, Any]]:
+    """What each adapter among `models` cost to train, from the train_report.json it carries (bases have none)."""
+    rows = []
+    for model in models:
+        spec = resolve(model)
+        path = spec.path / "train_report.json" if spec.format == "adapter" else None
+        if path is None or not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        host = report.get("host") or {}  # older reports predate the host record
+        rows.append(
+            {
+                "model": model,
+                "device": report["device"],
+                "host_cpu": host.get("cpu"),
+                "cpu_flags": host.get("cpu_flags"),
+                "precision": report["precision"],
+                "steps": report["steps"],
+                "train_tokens": report["train_tokens"],
+                "tokens_per_second": report["tokens_per_second"],
+                "train_seconds": report["train_seconds"],
+                "peak_memory_bytes": report["peak_memory_bytes"],
+                "peak_memory_kind": report["peak_memory_kind"],
+            }
+        )
+    return rows
 
 
 def _finqa_records(config: BenchConfig) -> list[finqa.FinQARecord]:
