@@ -66,9 +66,12 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """SmolLM2 (chat template), its shipped FinQA adapter, and Gemma 3 270M base (no template)."""
+    """SmolLM2 (chat template) and Gemma 3 270M base (no template), each with its shipped FinQA adapter."""
     srv = Server(
-        ["--models", "smollm2-135m", "smollm2-135m-finqa", "gemma3-270m", "--max-tokens-cap", "512", "--n-ctx", "2048"],
+        [
+            *("--models", "smollm2-135m", "smollm2-135m-finqa", "gemma3-270m", "gemma3-270m-finqa"),
+            *("--max-tokens-cap", "512", "--n-ctx", "2048"),
+        ],
         tmp_path_factory.mktemp("server"),
     )
     yield srv

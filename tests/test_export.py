@@ -33,7 +33,7 @@ from adaptserve.export import (  # noqa: E402
 )
 from adaptserve.export import gguf as export_gguf  # noqa: E402
 from adaptserve.export.adapter import read_adapter  # noqa: E402
-from adaptserve.models import ADAPTERS_DIR, LORA_GGUF, PACKAGED_DIR, resolve  # noqa: E402
+from adaptserve.models import ADAPTERS_DIR, LORA_GGUF, PACKAGED_DIR, SHIPPED_ADAPTERS, resolve  # noqa: E402
 from adaptserve.serve.engine import SamplingParams  # noqa: E402
 from adaptserve.serve.llama_engine import LlamaCppEngine  # noqa: E402
 
@@ -168,17 +168,17 @@ def test_merging_the_lora_gguf_without_torch_gives_the_torch_export(exported: Pa
         assert tensor.tensor_type == other.tensor_type and np.array_equal(tensor.data, other.data), tensor.name
 
 
-def test_the_packaged_adapter_is_the_export_of_the_repository_adapter() -> None:
+@pytest.mark.parametrize("name", list(SHIPPED_ADAPTERS))
+def test_the_packaged_adapter_is_the_export_of_the_repository_adapter(name: str) -> None:
     """The LoRA GGUF the package serves from was exported from the PEFT weights in adapters/ (provenance.json)."""
-    packaged = PACKAGED_DIR / "smollm2-135m-finqa"
+    packaged, repository = PACKAGED_DIR / name, ADAPTERS_DIR / name
     provenance = json.loads((packaged / "provenance.json").read_text())
     sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
-    for name, digest in provenance["source_files_sha256"].items():
-        assert sha(ADAPTERS_DIR / "smollm2-135m-finqa" / name) == digest, name
+    for file, digest in provenance["source_files_sha256"].items():
+        assert sha(repository / file) == digest, file
     assert sha(packaged / LORA_GGUF) == provenance["adapter_gguf_sha256"]
-    assert (packaged / "adapter_config.json").read_bytes() == (
-        ADAPTERS_DIR / "smollm2-135m-finqa" / "adapter_config.json"
-    ).read_bytes()
+    for file in ("adapter_config.json", "train_report.json"):
+        assert (packaged / file).read_bytes() == (repository / file).read_bytes(), file
 
 
 def test_gguf_serves_chat_with_the_base_template(exported: Path) -> None:

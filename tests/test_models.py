@@ -6,12 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from adaptserve.models import DEFAULT_MODEL, UnknownModelError, known_models, resolve
+from adaptserve.models import DEFAULT_MODEL, UnknownModelError, default_models, known_models, resolve
 
 
 def test_default_model_is_embedded_gguf() -> None:
     spec = resolve(DEFAULT_MODEL)
     assert spec.format == "gguf" and spec.path.is_file() and spec.path.stat().st_size > 50_000_000
+
+
+def test_defaults_are_each_installed_base_followed_by_its_shipped_adapter() -> None:
+    assert default_models() == ["smollm2-135m", "smollm2-135m-finqa", "gemma3-270m", "gemma3-270m-finqa"]
+    assert resolve("gemma3-270m-finqa").lora is not None  # served from the packaged LoRA GGUF, like SmolLM2's
 
 
 def test_gemma_is_assembled_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

