@@ -19,11 +19,19 @@ records = json.load(open(sys.argv[1], encoding="utf-8"))
 pages = dict.fromkeys(" ".join(r["pre_text"] + r["post_text"]) for r in records)  # pages repeat across questions
 open(sys.argv[2], "w", encoding="utf-8").write("\n".join(pages) + "\n")
 ' "$FINQA" runs/ppl-finqa-test.txt
-HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench \
+HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench --models smollm2-135m smollm2-135m-finqa \
   --finqa "$FINQA" --limit 50 --finqa-modes greedy \
   --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
   --concurrency 1 2 4 8 --requests 16 --max-tokens 64 --threads 2 \
   --out "$OUT" "$@"
+# Two model families side by side: SmolLM2-135M and Gemma 3 270M, each base with its FinQA adapter, all four in one
+# server (the defaults of `adaptserve serve`, so its peak RSS is theirs), same questions, text and load, 1 and 8
+# clients. Perplexity is per token of each model's own tokenizer: comparable within a family, not across.
+HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench --models smollm2-135m smollm2-135m-finqa gemma3-270m gemma3-270m-finqa \
+  --finqa "$FINQA" --limit 50 --finqa-modes greedy \
+  --ppl runs/ppl-finqa-test.txt --ppl-chunks 40 \
+  --concurrency 1 8 --requests 16 --max-tokens 64 --threads 2 \
+  --out "$OUT/two-families" "$@"
 # The quant matrix: the adapter's q8_0 export, in a server of its own (so its footprint is its own), same questions,
 # text and load but 1 and 8 clients only.
 HF_HUB_OFFLINE=1 "$PYTHON" -m adaptserve bench --models smollm2-135m-finqa@q8_0 \
