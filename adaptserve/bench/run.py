@@ -27,7 +27,7 @@ from adaptserve.bench.perplexity import Perplexity, perplexity
 from adaptserve.bench.prompts import EvalPrompt, answer_all, load_prompts, summarize
 from adaptserve.bench.speed import Speed, http_vs_direct, llama_bench, served_model
 from adaptserve.host import cpu_info
-from adaptserve.models import resolve
+from adaptserve.models import UnknownModelError, resolve
 from adaptserve.serve.config import ServeConfig
 from adaptserve.serve.metrics import Metrics
 from adaptserve.serve.pool import ModelPool
@@ -137,7 +137,10 @@ def training_costs(models: list[str]) -> list[dict[str, Any]]:
     """What each adapter among `models` cost to train, from the train_report.json it carries (bases have none)."""
     rows = []
     for model in models:
-        spec = resolve(model)
+        try:
+            spec = resolve(model)
+        except UnknownModelError:  # a model only the --url server knows
+            continue
         path = spec.path / "train_report.json" if spec.format == "adapter" else None
         if path is None or not path.is_file():
             continue
