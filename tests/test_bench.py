@@ -52,6 +52,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     (out / "text.txt").write_text(TEXT, encoding="utf-8")
     (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
     config = BenchConfig(
+        models=MODELS,
         limit=2,
         prompts=str(out / "prompts.jsonl"),
         concurrency=[1, 2],
@@ -137,6 +138,7 @@ def test_transformers_backend_runs_as_a_variant_of_its_own(tmp_path: Path) -> No
     adapter), scored in process and load-tested through a server started with --backend transformers."""
     (tmp_path / "prompts.jsonl").write_text(json.dumps(PROMPTS[2]) + "\n", encoding="utf-8")
     config = BenchConfig(
+        models=MODELS,
         backends=["transformers-fp32"],
         limit=1,
         prompts=str(tmp_path / "prompts.jsonl"),

@@ -149,14 +149,15 @@ def test_gpu_checks_cpu_path(tmp_path: Path) -> None:
 
 
 def test_bench_cpu(tmp_path: Path) -> None:
-    """Both `adaptserve bench` runs of the committed CPU benchmark, on one record, one prompt and short texts."""
+    """The three `adaptserve bench` runs of the committed CPU benchmark, on one record, one prompt and short texts."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "count", "prompt": "Write the numbers from 1 to 20, separated by commas."}) + "\n")
     env = {"PYTHON": sys.executable, "FINQA": str(SAMPLE_TEST), "OUT": str(tmp_path / "bench")}
     # List flags add to the script's own (--concurrency 1 2 4 8): 8 requests are the fewest its widest level takes.
     run("bench_cpu.sh", "--limit", "1", "--prompts", prompts, "--ppl-ctx", "64", "--ppl-chunks", "2", "--requests", "8",
         "--max-tokens", "8", "--pp", "16", "--tg", "4", "--repeats", "2", "--threads", "1", env=env)  # fmt: skip
-    assert (tmp_path / "bench" / "results.json").is_file() and (tmp_path / "bench" / "q8_0" / "results.json").is_file()
+    for run_dir in ("", "two-families", "q8_0"):
+        assert (tmp_path / "bench" / run_dir / "results.json").is_file(), run_dir
 
 
 def test_portable_build(tmp_path: Path) -> None:
