@@ -28,6 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -166,6 +167,47 @@ def load(path: Path | str, threads: int | None = None, **kwargs: Any) -> llama_c
     Llama's own (n_ctx, n_batch, lora_path, vocab_only, ...). Every llama.cpp model in this project opens here."""
     n = n_threads(threads)
     return llama_cpp.Llama(model_path=str(path), n_threads=n, n_threads_batch=n, verbose=False, **kwargs)
+
+
+@dataclass
+class _Shared:
+    llm: llama_cpp.Llama
+    users: int = 0
+
+
+_shared: dict[tuple[str, int, str], _Shared] = {}
+_shared_lock = threading.Lock()
+
+
+def share(path: Path | str, threads: int | None = None, **kwargs: Any) -> llama_cpp.Llama:
+    """`load`, or the Llama an earlier call made for the same file, threads and arguments: engines on one base (the
+    base itself and the adapters applied to it per context) then hold one copy of its weights and vocabulary.
+    Give it back with `unshare`."""
+    key = (str(Path(path).resolve()), n_threads(threads), repr(sorted(kwargs.items())))
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = _Shared(load(path, threads, **kwargs))
+        _shared[key].users += 1
+        return _shared[key].llm
+
+
+def unshare(llm: llama_cpp.Llama) -> None:
+    """One user fewer of a Llama from `share`; the last one closes it."""
+    with _shared_lock:
+        key = next(k for k, shared in _shared.items() if shared.llm is llm)
+        _shared[key].users -= 1
+        if _shared[key].users == 0:
+            del _shared[key]
+            llm.close()
+
+
+def load_lora(llm: llama_cpp.Llama, path: Path | str) -> llama_cpp.llama_adapter_lora_p:
+    """A LoRA GGUF loaded for `llm`'s model, for contexts to apply (`KVSlots`); `llama_cpp.llama_adapter_lora_free`
+    releases it (llama.cpp frees what is left with the model)."""
+    adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
+    if not adapter:
+        raise RuntimeError(f"llama.cpp could not load the LoRA GGUF {path} onto {Path(llm.model_path).name}")
+    return adapter
 
 
 def open_model(spec: ModelSpec, threads: int | None = None, **kwargs: Any) -> llama_cpp.Llama:

@@ -152,6 +152,15 @@ def adapter_batched_q8_cache() -> Iterator[LlamaCppEngine]:
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def lora_batched(batched: LlamaCppEngine) -> Iterator[LlamaCppEngine]:
+    """The adapter as the server runs it beside its base: its LoRA, in Q8_0, applied to the base's shared weights."""
+    spec = served(resolve("smollm2-135m-finqa"), "lora")
+    eng = LlamaCppEngine(spec, n_ctx=512, n_threads=2, queue_size=256, n_slots=N_SLOTS, prefill_chunk=32)
+    yield eng
+    eng.close()
+
+
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
@@ -200,7 +209,7 @@ def assert_kv_matches_slots(engine: LlamaCppEngine) -> None:
         assert llama_cpp.llama_memory_seq_pos_max(engine.slots.ctx.memory, slot.seq_id) == len(slot.cached) - 1
 
 
-@pytest.mark.parametrize("engine", ["batched", "adapter_batched", "adapter_batched_q8_cache"])
+@pytest.mark.parametrize("engine", ["batched", "adapter_batched", "adapter_batched_q8_cache", "lora_batched"])
 def test_batched_output_matches_running_alone(engine: str, request: pytest.FixtureRequest) -> None:
     batched: LlamaCppEngine = request.getfixturevalue(engine)
     requests = mixed_requests(batched)
@@ -261,13 +270,20 @@ def test_prompts_are_cut_on_one_grid_whatever_the_cache_or_the_neighbours(
     assert chunks and all(start % size == 0 and n <= size for start, n in chunks), chunks
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m", "smollm2-135m-finqa"])
+def open_slots(model: str, n_slots: int, n_ctx: int, kv_cache: str) -> tuple[llama_cpp.Llama, KVSlots]:
+    """KVSlots on `model` as the server runs it, an adapter in its @form (a LoRA applied to the base's weights)."""
+    spec = served(resolve(model), "q4_k_m")
+    llm = llama_thread.load(spec.path, 2, n_ctx=64)
+    lora = llama_thread.load_lora(llm, spec.lora) if spec.lora else None
+    return llm, KVSlots(llm, n_slots, n_ctx=n_ctx, max_batch=64, kv_cache=kv_cache, lora=lora)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "smollm2-135m-finqa", "smollm2-135m-finqa@lora"])
 def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(model: str) -> None:
     """What lets the 8-bit cache reuse a prefix of any length (kvslots.py): a 200-token prompt decoded in 64-token
     calls, and cut after 1, 30 or 63 tokens, or with one-token calls in it, gives bit-identical logits and the same
     greedy continuation (with an f16 cache the one-token calls move the logits; benchmarks/serving.md)."""
-    llm = llama_thread.open_model(served(resolve(model), "q4_k_m"), 2, n_ctx=64)
-    slots = KVSlots(llm, 1, n_ctx=512, max_batch=64, kv_cache="q8_0")
+    llm, slots = open_slots(model, 1, n_ctx=512, kv_cache="q8_0")
     prompt = llm.tokenize(b"Net revenue was $5,829 million in 2015 against $5,735 million in 2014. " * 12)[:200]
     (slot,) = slots.slots
 
@@ -294,18 +310,19 @@ def test_an_8bit_cache_gives_a_prompt_the_same_logits_however_its_calls_cut_it(m
         llm.close()
 
 
+@pytest.mark.parametrize("form", ["q4_k_m", "lora"])
 @pytest.mark.parametrize("kv_cache", ["f16", "q8_0"])
 @pytest.mark.parametrize("repeats", [2, 4, 12])
-def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache: str) -> None:
+def test_logits_do_not_depend_on_the_sequences_beside_one(repeats: int, kv_cache: str, form: str) -> None:
     """The adapter's q4_k_m holds Q4_K, Q6_K and Q8_0 weights, which llama.cpp would multiply with kernels that change
     a row's numbers once four rows (repacked weights) or eight rows (tiled K-quant kernel) share a call: a sequence's
     logits must be the same bit for bit with 0 or 7 short sequences decoding beside it, in that step and in the next
     (which reads the K/V the step wrote). Left on, repacking fails the 2-repeat prompt, the tiled kernel both (on some
     other prompts, such as the 1-repeat one, neither kernel's rounding happened to reach the logits). The 8-bit
     cache computes attention with flash attention, which with an f16 cache changes a row's numbers once its
-    sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; benchmarks/serving.md)."""
-    llm = llama_thread.open_model(served(resolve("smollm2-135m-finqa"), "q4_k_m"), 2, n_ctx=64)
-    slots = KVSlots(llm, 8, n_ctx=1024, max_batch=64, kv_cache=kv_cache)
+    sequence spans 512 cells (the 12-repeat prompt, 396 tokens, in 512-cell views; benchmarks/serving.md). The
+    LoRA form holds its factors in Q8_0: in f16 they moved the 2-repeat prompt's logits by 0.8 from one row beside it."""
+    llm, slots = open_slots(f"smollm2-135m-finqa@{form}", 8, n_ctx=1024, kv_cache=kv_cache)
     prompt = llm.tokenize(b"Revenue rose from 5,735 to 5,829 million dollars in 2019; costs fell by 12%." * repeats)
 
     def two_steps(beside: int) -> list[list[float]]:
@@ -490,16 +507,27 @@ def test_requests_arriving_together_compute_a_shared_prefix_once(batched: LlamaC
     assert_kv_matches_slots(batched)
 
 
-def test_a_lora_gguf_applies_to_the_batched_context(batched: LlamaCppEngine) -> None:
-    """KVSlots decodes on a context of its own, on which the LoRA GGUF must be set too: served as `@lora`, the adapter
-    writes a FinQA program where the base writes prose. (Its f16 LoRA products go through llama.cpp's tiled float
-    kernels from two rows on, so unlike the merged form its output may change with its neighbours.)"""
-    engine = LlamaCppEngine(served(resolve("smollm2-135m-finqa@lora"), "q4_k_m"), n_ctx=512, n_threads=2, n_slots=2)
+def test_an_adapter_is_applied_to_its_base_s_shared_weights(batched: LlamaCppEngine, lora_batched: LlamaCppEngine) -> None:
+    """Served beside its base, the adapter decodes on the base's Llama (one copy of the weights and vocabulary) with
+    its LoRA set on its own batched context only: it writes a FinQA program where the base writes prose. Closing
+    one engine leaves the shared weights to the other."""
+    assert lora_batched.llm is batched.llm
     question = "what was the percentage change in revenue from 2018 to 2019?\n| | 2019 | 2018 |\n| revenue | 5829 | 5735 |"
     messages = [{"role": "user", "content": question}]
-    try:
-        ours = asyncio.run(engine.complete(engine.chat_prompt(messages), GREEDY)).text
-    finally:
-        engine.close()
+    ours = asyncio.run(lora_batched.complete(lora_batched.chat_prompt(messages), GREEDY)).text
     base = asyncio.run(batched.complete(batched.chat_prompt(messages), GREEDY)).text
     assert ours.startswith("subtract(") and not base.startswith("subtract("), (ours, base)
+    other = LlamaCppEngine(served(resolve("smollm2-135m-finqa"), "lora"), n_ctx=256, n_threads=2, n_slots=1)
+    assert other.llm is batched.llm
+    other.close()
+    assert asyncio.run(lora_batched.complete(lora_batched.chat_prompt(messages), GREEDY)).text == ours
+
+
+def test_auto_serves_an_adapter_on_its_base_only_where_the_base_is_served_too() -> None:
+    """ "auto" (the server's default): the LoRA on the base's GGUF when the base is served beside it, else merged."""
+    adapter, base = resolve("smollm2-135m-finqa"), resolve("smollm2-135m")
+    beside = served(adapter, "auto", beside=[base.location])
+    assert (beside.location, beside.lora is not None) == (base.location, True)
+    alone = served(adapter, "auto")
+    assert alone.lora is None and alone.path.name.endswith("-q4_k_m.gguf")
+    assert served(resolve("smollm2-135m-finqa@q8_0"), "auto", beside=[base.location]).lora is None  # its @form wins

@@ -207,7 +207,7 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
         raise BenchError(f"ppl {source}: {err}") from err
     rows = []
     for model in config.models:
-        spec = served_model(model, ServeConfig.adapter_quant, config.threads)
+        spec = served_model(model, ServeConfig.adapter_quant, config.threads, config.models)
         rows.append(perplexity(model, spec, text, config.ppl_ctx, config.threads, config.ppl_chunks, config.kv_cache))
         log.info("%s: PPL = %.4f +/- %.5f over %d tokens", model, rows[-1].ppl, rows[-1].error, rows[-1].tokens_scored)
     return rows
@@ -216,7 +216,7 @@ def _perplexity(config: BenchConfig, source: str) -> list[Perplexity]:
 def _speed(config: BenchConfig) -> list[Speed]:
     rows = []
     for model in tqdm(config.models, desc="pp/tg", unit="model"):
-        spec = served_model(model, ServeConfig.adapter_quant, config.threads)
+        spec = served_model(model, ServeConfig.adapter_quant, config.threads, config.models)
         speed = llama_bench(model, spec, config.threads, config.pp, config.tg, config.repeats, config.kv_cache)
         rows.append(speed)
         log.info(
@@ -238,7 +238,7 @@ def _overhead(
     against bare decoding without sampling, tg (`ratio_tg`), on the same GGUF and threads; the rates and ratios are
     None where no conversation was answered in two or more tokens."""
     single_client = [chats[i % len(chats)] for i in range(config.requests)]  # what the 1-client level sends
-    spec = served_model(model, ServeConfig.adapter_quant, config.threads)
+    spec = served_model(model, ServeConfig.adapter_quant, config.threads, config.models)
     n_ctx = ServeConfig.n_ctx
     paired = http_vs_direct(url, model, spec, config.threads, single_client, config.max_tokens, n_ctx, config.kv_cache)
     tg = next(s["tg_tokens_per_second"] for s in speed if s["model"] == model)

@@ -52,11 +52,12 @@ class Overhead:
     ratio: float | None  # HTTP over direct
 
 
-def served_model(model: str, quant: str, threads: int | None) -> ModelSpec:
-    """The GGUF (and LoRA GGUF) `adaptserve serve` runs for `model`, an adapter in its form @quant, else `quant`."""
+def served_model(model: str, quant: str, threads: int | None, beside: Sequence[str] = ()) -> ModelSpec:
+    """The GGUF (and LoRA GGUF) `adaptserve serve --models <beside>` runs for `model`, one of `beside`: an adapter in
+    its form @quant, else `quant`, where "auto" depends on whether its base is served too."""
     from adaptserve.export import served
 
-    return served(resolve(model), quant, threads)
+    return served(resolve(model), quant, threads, beside=[resolve(m).location for m in beside])
 
 
 def llama_bench(

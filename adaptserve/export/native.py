@@ -1,4 +1,5 @@
-"""GGUF work that needs llama.cpp and gguf-py only, no torch: merging a LoRA GGUF into its base GGUF, and quantizing.
+"""GGUF work that needs llama.cpp and gguf-py only, no torch: merging a LoRA GGUF into its base GGUF, quantizing,
+and rewriting a LoRA GGUF in the form the server applies at run time.
 
 This is how an installed package turns the shipped adapter's LoRA GGUF into the merged GGUF it serves, on a machine
 without torch or the adapter's PEFT weights. The result matches the torch export (`pipeline`), which merges into
@@ -52,15 +53,50 @@ def merge_lora(base: Path, lora: Path, dst: Path) -> None:
     log.info("merged %s into %d weights of %s", lora.name, merged, base.name)
 
 
+def served_lora(lora: Path, dst: Path) -> None:
+    """The LoRA GGUF `lora` as the server applies it to a shared base: each factor in Q8_0, the rank zero-padded to
+    a multiple of Q8_0's 32-value block, `alpha / rank` folded into B and alpha written as 0 (llama.cpp then scales
+    by 1). llama.cpp multiplies float factors with one kernel for a lone row and a tiled one from two rows on, so
+    in f16 a sequence's output changes with the sequences decoded beside it; Q8_0 factors take kernels that compute
+    a row alike either way, as the base's weights do (benchmarks/serving.md, "Adapters on a shared base")."""
+    adapter = gguf.GGUFReader(lora)
+    if _LORA_ALPHA not in adapter.fields:
+        raise ExportError(f"{lora}: not a LoRA GGUF (no {_LORA_ALPHA})")
+    alpha = float(adapter.fields[_LORA_ALPHA].contents())
+    factors = {t.name: np.asarray(t.data, dtype=np.float32) for t in adapter.tensors}
+    writer = gguf.GGUFWriter(dst, adapter.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    _copy_fields(adapter, writer, skip=(_LORA_ALPHA,))
+    writer.add_float32(_LORA_ALPHA, 0.0)
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for name in sorted(n for n in factors if n.endswith(".lora_a")):
+        a, b = factors[name], factors[name.removesuffix("_a") + "_b"]  # a: rank x in, b: out x rank
+        rank = a.shape[0]
+        pad = -rank % block
+        a = np.concatenate([a, np.zeros((pad, a.shape[1]), np.float32)])
+        b = np.concatenate([b * (alpha / rank), np.zeros((b.shape[0], pad), np.float32)], axis=1)
+        for tensor, values in ((name, a), (name.removesuffix("_a") + "_b", b)):
+            data = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(tensor, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _copy_metadata(model: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
     """Every key of the base but those the writer sets itself; the file type becomes f16."""
-    for field in model.fields.values():
-        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE):
+    _copy_fields(model, writer, skip=(gguf.Keys.General.FILE_TYPE,))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[str, ...]) -> None:
+    """Every key of `reader` but the writer's own (architecture, GGUF header) and `skip`."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, *skip):
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
 
 def _floats(tensor: gguf.ReaderTensor) -> np.ndarray:

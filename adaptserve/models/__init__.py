@@ -3,7 +3,7 @@
 A reference is one of
 - a built-in name (`smollm2-135m`, `gemma3-270m`), shipped offline inside PyPI packages;
 - a shipped adapter (`smollm2-135m-finqa`) or any local PEFT adapter directory. llama.cpp serves an adapter merged
-  into its base and quantized to a GGUF type, or as its LoRA GGUF applied to the base's GGUF at load time (`lora`;
+  into its base and quantized to a GGUF type, or as its LoRA GGUF applied to the base's weights at run time (`lora`;
   see `adaptserve.export.served`); a suffix picks the form (`smollm2-135m-finqa@q8_0`), so one server or bench run
   can put several side by side. A shipped adapter's LoRA GGUF travels inside this package (`models/adapters/<name>/`),
   so serving it needs neither torch nor the repository; its PEFT weights, which `adaptserve export` and the
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 ModelFormat = Literal["gguf", "hf", "hub", "adapter"]
 MERGED_QUANTS = ("f16", "q8_0", "q4_k_m")  # GGUF types an adapter can be merged and exported to
 ADAPTER_QUANTS = ("lora", *MERGED_QUANTS)  # how llama.cpp can serve an adapter: unmerged, or merged to one of those
+AUTO = "auto"  # the server's default: unmerged on its base where the base is served too, else merged to MERGED_DEFAULT
+MERGED_DEFAULT = "q4_k_m"
 
 
 class UnknownModelError(ValueError):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from adaptserve.models import ADAPTER_QUANTS, UnknownModelError, default_models, resolve
+from adaptserve.models import ADAPTER_QUANTS, AUTO, UnknownModelError, default_models, resolve
 from adaptserve.serve.engine import DEFAULT_CTX, DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS
 from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, KV_CACHE_TYPES
 
@@ -56,12 +56,12 @@ class ServeConfig:
     )
     ui: bool = field(default=True, metadata={"help": "serve the Gradio chat and FinQA UI at /ui"})
     adapter_quant: str = field(
-        default="q4_k_m",
+        default=AUTO,
         metadata={
-            "help": "how llama.cpp serves an adapter: merged into its base and quantized to f16, q8_0 or q4_k_m "
-            "(once, then cached), or lora: its LoRA GGUF applied to the base's GGUF at load time (no merge; a "
-            "request's output then depends on what it is batched with). One adapter can pick its own with a "
-            "suffix: name@q8_0"
+            "help": "how llama.cpp serves an adapter: lora, its LoRA applied at run time to its base's weights, "
+            "which a served base shares (one copy in memory); or merged into its base and quantized to f16, q8_0 "
+            "or q4_k_m (once, then cached; faster to decode, a second copy of the weights); auto: lora where the "
+            "base is served too, else q4_k_m. One adapter can pick its own with a suffix: name@q8_0"
         },
     )
     backend: str = field(
@@ -157,8 +157,8 @@ class ServeConfig:
             (self.prefill_chunk > 0, f"prefill_chunk must be positive, got {self.prefill_chunk}"),
             (self.kv_cache in KV_CACHE_TYPES, f"kv_cache must be one of {list(KV_CACHE_TYPES)}, got {self.kv_cache!r}"),
             (
-                self.adapter_quant in ADAPTER_QUANTS,
-                f"adapter_quant must be one of {list(ADAPTER_QUANTS)}, got {self.adapter_quant!r}",
+                self.adapter_quant in (AUTO, *ADAPTER_QUANTS),
+                f"adapter_quant must be one of {[AUTO, *ADAPTER_QUANTS]}, got {self.adapter_quant!r}",
             ),
             (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
             (

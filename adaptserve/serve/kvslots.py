@@ -90,9 +90,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 class KVSlots:
     """`n_slots` sequences of up to `n_ctx` tokens each, `max_batch` tokens per llama_decode at most, their K/V
-    stored as `kv_cache` (a key of KV_CACHE_TYPES)."""
+    stored as `kv_cache` (a key of KV_CACHE_TYPES), computed with the LoRA adapter `lora` (`llama_thread.load_lora`)
+    applied where one is given."""
 
-    def __init__(self, llm: llama_cpp.Llama, n_slots: int, n_ctx: int, max_batch: int, kv_cache: str = DEFAULT_KV_CACHE) -> None:
+    def __init__(
+        self,
+        llm: llama_cpp.Llama,
+        n_slots: int,
+        n_ctx: int,
+        max_batch: int,
+        kv_cache: str = DEFAULT_KV_CACHE,
+        lora: llama_cpp.llama_adapter_lora_p | None = None,
+    ) -> None:
         if not 1 <= n_slots <= llama_cpp.llama_max_parallel_sequences():
             raise ValueError(f"n_slots must be between 1 and {llama_cpp.llama_max_parallel_sequences()}")
         # Start from the Llama's own settings (threads, RoPE) and change only what batching needs.
@@ -108,10 +117,10 @@ class KVSlots:
         self.cut_anywhere = kv_cache != "f16"  # a prompt's K/V is the same however its calls cut it (module docstring)
         params.swa_full = True  # sliding-window models (Gemma 3) must keep old cells, or a cached prefix goes stale
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-        if llm._lora_adapter is not None:  # a LoRA GGUF applies per context: this one too, at the Llama's scale
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
-            if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale)) != 0:
-                raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {llm.lora_path}")
+        if lora is not None:  # llama.cpp applies a LoRA per context: the model's other contexts do not see it
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
+            if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise RuntimeError("llama.cpp could not apply the LoRA adapter")
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
         self.n_vocab = llm.n_vocab()
         self._batch = _internals.LlamaBatch(n_tokens=max_batch, embd=0, n_seq_max=1, verbose=False)

@@ -91,13 +91,17 @@ class LlamaCppEngine(Engine):
             raise ValueError("prefill_chunk must be positive")
         self.name = spec.name
         self.spec = spec
-        # The Llama holds the weights, tokenizer and metadata; decoding runs on the batched context of `slots`,
-        # so the Llama's own context is left at the smallest size. Prefill and decode use the same threads: one per
-        # physical core unless told (llama-cpp-python's defaults decode on half the logical CPUs).
-        self.llm = llama_thread.load(spec.path, n_threads, n_ctx=_UNUSED_CTX, lora_path=spec.lora)
+        # The Llama holds the weights, tokenizer and metadata, shared with the other engines on the same GGUF (a base
+        # and the adapters served on it); decoding runs on the batched context of `slots`, which applies this
+        # engine's LoRA if it has one, so the Llama's own context is left at the smallest size. Prefill and decode
+        # use the same threads: one per physical core unless told (llama-cpp-python's defaults decode on half the
+        # logical CPUs).
+        self.llm = llama_thread.share(spec.path, n_threads, n_ctx=_UNUSED_CTX)
+        self._lora = llama_thread.load_lora(self.llm, spec.lora) if spec.lora else None
         self.n_threads: int = self.llm.n_threads
         self.prefill_chunk = prefill_chunk
-        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=max(prefill_chunk, n_slots), kv_cache=kv_cache)
+        batch = max(prefill_chunk, n_slots)
+        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=batch, kv_cache=kv_cache, lora=self._lora)
         self.n_ctx = self.slots.n_ctx
         self.n_vocab = self.slots.n_vocab
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
@@ -227,7 +231,9 @@ class LlamaCppEngine(Engine):
     def close(self) -> None:
         llama_thread.run(self._stop)
         self.slots.close()
-        self.llm.close()
+        if self._lora is not None:
+            llama_cpp.llama_adapter_lora_free(self._lora)
+        llama_thread.unshare(self.llm)
         log.info("closed %s", self.name)
 
     # ---- the scheduler: runs on the llama.cpp thread, a step at a time, in turn with the other engines ----

@@ -107,13 +107,15 @@ class ModelPool:
         engine.close()
 
     def _runnable(self, spec: ModelSpec) -> ModelSpec:
-        """An adapter is served on its base's GGUF as a LoRA GGUF, or merged into it (see export.served)."""
+        """An adapter is served on its base's GGUF as a LoRA GGUF, sharing the base's weights where the base is
+        served too, or merged into it (see export.served)."""
         if spec.format != "adapter":
             return spec
         from adaptserve.export import served
 
         self.finqa_styles[spec.name] = finqa.adapter_style(spec.path)
-        return served(spec, self.config.adapter_quant, self.config.n_threads)
+        bases = [s.location for s in self.specs if s.format == "gguf"]
+        return served(spec, self.config.adapter_quant, self.config.n_threads, beside=bases)
 
     def _load_hf(self, spec: ModelSpec) -> None:
         """A base, or an adapter on the base it records: N adapters of a base cost that base once in memory."""
