@@ -97,11 +97,15 @@ class LlamaCppEngine(Engine):
         # use the same threads: one per physical core unless told (llama-cpp-python's defaults decode on half the
         # logical CPUs).
         self.llm = llama_thread.share(spec.path, n_threads, n_ctx=_UNUSED_CTX)
-        self._lora = llama_thread.load_lora(self.llm, spec.lora) if spec.lora else None
+        try:
+            self._lora = llama_thread.load_lora(self.llm, spec.lora) if spec.lora else None
+            batch = max(prefill_chunk, n_slots)
+            self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=batch, kv_cache=kv_cache, lora=self._lora)
+        except Exception:
+            llama_thread.unshare(self.llm)
+            raise
         self.n_threads: int = self.llm.n_threads
         self.prefill_chunk = prefill_chunk
-        batch = max(prefill_chunk, n_slots)
-        self.slots = KVSlots(self.llm, n_slots, n_ctx, max_batch=batch, kv_cache=kv_cache, lora=self._lora)
         self.n_ctx = self.slots.n_ctx
         self.n_vocab = self.slots.n_vocab
         self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, self.llm._model.vocab)
