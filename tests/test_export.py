@@ -169,6 +169,28 @@ def test_merging_the_lora_gguf_without_torch_gives_the_torch_export(exported: Pa
 
 
 @pytest.mark.parametrize("name", list(SHIPPED_ADAPTERS))
+def test_the_served_lora_is_the_adapter_s_update_in_q8_0(name: str, tmp_path: Path) -> None:
+    """native.served_lora rewrites a LoRA GGUF for run-time serving: Q8_0 factors with the rank padded to 32 and the
+    scale folded into B (alpha 0), whose product B @ A is the adapter's alpha / rank * B @ A within Q8_0 rounding."""
+    packaged, served_form = PACKAGED_DIR / name / LORA_GGUF, tmp_path / "served.gguf"
+    native.served_lora(packaged, served_form)
+    before, after = gguf.GGUFReader(packaged), gguf.GGUFReader(served_form)
+    assert float(after.fields["adapter.lora.alpha"].contents()) == 0.0
+    alpha = float(before.fields["adapter.lora.alpha"].contents())
+    factors = {t.name: np.asarray(t.data, dtype=np.float32) for t in before.tensors}
+    rewritten = {t.name: t for t in after.tensors}
+    assert set(rewritten) == set(factors)
+    for name_a in [n for n in factors if n.endswith(".lora_a")][:8]:
+        name_b = name_a.removesuffix("_a") + "_b"
+        a, b = (rewritten[n] for n in (name_a, name_b))
+        assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        a, b = (gguf.quants.dequantize(t.data, t.tensor_type) for t in (a, b))
+        assert a.shape[0] == b.shape[1] == 32
+        want = alpha / factors[name_a].shape[0] * factors[name_b] @ factors[name_a]
+        assert np.abs(b @ a - want).max() <= 0.02 * np.abs(want).max(), name_a
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_ADAPTERS))
 def test_the_packaged_adapter_is_the_export_of_the_repository_adapter(name: str) -> None:
     """The LoRA GGUF the package serves from was exported from the PEFT weights in adapters/ (provenance.json)."""
     packaged, repository = PACKAGED_DIR / name, ADAPTERS_DIR / name
