@@ -130,8 +130,8 @@ def test_finqa_endpoint_executes_the_program(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("base", ["smollm2-135m", "gemma3-270m"])
 def test_adapter_writes_programs_the_base_does_not(client: httpx.Client, base: str) -> None:
-    """A shipped adapter, merged and quantized on first start, answers in the FinQA DSL; its untuned base rarely does.
-    The UI offers every served model."""
+    """A shipped adapter, applied to its served base's weights, answers in the FinQA DSL; its untuned base rarely
+    does. The UI offers every served model."""
     records = finqa.load_finqa(split="test")[:6]
 
     def executed(model: str) -> int:
