@@ -22,9 +22,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from adaptserve.models import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "benchmarks" / "lm_eval"
@@ -131,13 +134,14 @@ def evaluate(run: Run, server: str, model: str, limit: int | None, batch_size: i
 # ---- loglikelihoods against llama.cpp in process ----
 
 
-def served_gguf(model: str) -> Path:
-    """The GGUF the server runs for `model` at its default settings (an adapter: the merged export it caches)."""
+def served_spec(model: str, beside: Sequence[str]) -> ModelSpec:
+    """What the server runs for `model` at its default settings when it serves `beside` too (an adapter whose base is
+    among them: its LoRA on the base's GGUF)."""
     from adaptserve.export import served
     from adaptserve.models import resolve
     from adaptserve.serve.config import ServeConfig
 
-    return served(resolve(model), ServeConfig().adapter_quant).path
+    return served(resolve(model), ServeConfig().adapter_quant, beside=[resolve(m).location for m in beside])
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -160,12 +164,14 @@ def llama_loglikelihood(llm: Any, context: str, continuation: str) -> tuple[floa
     return float(logprobs[positions - 1, np.asarray(whole)[positions]].sum()), len(positions)
 
 
-def check_loglikelihoods(model: str, pairs: Sequence[tuple[str, str, float]]) -> dict[str, Any]:
-    """Each pair's loglikelihood as lm_eval got it from the server against llama.cpp's, on the same K/V cache type."""
+def check_loglikelihoods(model: str, pairs: Sequence[tuple[str, str, float]], beside: Sequence[str] = MODELS) -> dict[str, Any]:
+    """Each pair's loglikelihood as lm_eval got it from a server of `beside` against llama.cpp's, on the same weights
+    (and LoRA) and K/V cache type."""
     from adaptserve import llama_thread
     from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
-    llm = llama_thread.load(served_gguf(model), 1, n_ctx=512, logits_all=True, **kv_cache_kwargs(DEFAULT_KV_CACHE))
+    spec = served_spec(model, beside)
+    llm = llama_thread.open_model(spec, 1, n_ctx=512, logits_all=True, **kv_cache_kwargs(DEFAULT_KV_CACHE))
     diffs, tokens = [], []
     try:
         for context, continuation, got in pairs:
@@ -236,7 +242,7 @@ def run_all(server: str, models: Sequence[str], limit: int | None, threads: int 
 
     machine = host(threads)  # the checkout as the run starts
     outcomes = [evaluate(run, server, model, limit) for model in models for run in RUNS]
-    checks = [check_loglikelihoods(o.model, o.pairs) for o in outcomes if o.pairs]
+    checks = [check_loglikelihoods(o.model, o.pairs, models) for o in outcomes if o.pairs]
     return {
         "lm_eval": lm_eval.__version__,
         "host": machine,
