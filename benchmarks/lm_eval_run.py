@@ -22,12 +22,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from adaptserve.models import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "benchmarks" / "lm_eval"
@@ -134,16 +131,6 @@ def evaluate(run: Run, server: str, model: str, limit: int | None, batch_size: i
 # ---- loglikelihoods against llama.cpp in process ----
 
 
-def served_spec(model: str, beside: Sequence[str]) -> ModelSpec:
-    """What the server runs for `model` at its default settings when it serves `beside` too (an adapter whose base is
-    among them: its LoRA on the base's GGUF)."""
-    from adaptserve.export import served
-    from adaptserve.models import resolve
-    from adaptserve.serve.config import ServeConfig
-
-    return served(resolve(model), ServeConfig().adapter_quant, beside=[resolve(m).location for m in beside])
-
-
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
     """Trailing whitespace of the context moves to the continuation, as lm_eval encodes a pair."""
     stripped = context.rstrip()
@@ -168,9 +155,11 @@ def check_loglikelihoods(model: str, pairs: Sequence[tuple[str, str, float]], be
     """Each pair's loglikelihood as lm_eval got it from a server of `beside` against llama.cpp's, on the same weights
     (and LoRA) and K/V cache type."""
     from adaptserve import llama_thread
+    from adaptserve.bench.speed import served_model
+    from adaptserve.serve.config import ServeConfig
     from adaptserve.serve.kvslots import DEFAULT_KV_CACHE, kv_cache_kwargs
 
-    spec = served_spec(model, beside)
+    spec = served_model(model, ServeConfig.adapter_quant, None, beside)
     llm = llama_thread.open_model(spec, 1, n_ctx=512, logits_all=True, **kv_cache_kwargs(DEFAULT_KV_CACHE))
     diffs, tokens = [], []
     try:
